@@ -1,0 +1,1 @@
+"""Reusable model components: the base model, building blocks and output heads."""
