@@ -17,6 +17,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"layoutgen.kernels": "kernels"},
+    package_data={"layoutgen.training": ["*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -24,10 +24,15 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention in eager PyTorch, softmax in float32. [B, H, Lq, D], [B, H, Lk, D], [B, H, Lk, Dv]."""
+    """Reference attention in eager PyTorch, softmax in float32 (float64 for float64 inputs).
+
+    [B, H, Lq, D], [B, H, Lk, D], [B, H, Lk, Dv].
+    """
     _check_qkv(q, k, v)
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
+    # Upcast half types to float32 but never downcast float64 (which would break gradcheck and float64 references).
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return torch.matmul(scores.softmax(dim=-1), v.to(dtype)).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -151,9 +151,13 @@ def coerce_value(value: Any, hint: Any, path: str) -> Any:
             except ValueError:
                 raise ValueError(f"{path}: expected a number, got {_describe(value)}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            try:
+                number = float(value)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+            if not math.isfinite(number):
                 raise ValueError(f"{path}: expected a finite number, got {value!r}")
-            return float(value)
+            return number
         raise ValueError(f"{path}: expected a number, got {_describe(value)}")
     if hint is str:
         if isinstance(value, str):

@@ -18,9 +18,8 @@ from layoutgen.config import option
 from layoutgen.kernels import GroupNormSiLU
 from layoutgen.models.components.base_model import BaseModel
 from layoutgen.models.components.blocks import ResNetBlock, UpsampleBlock
-from layoutgen.models.components.codec import CodecConfig
+from layoutgen.models.components.codec import CodecConfig, MiddleBlock, describe_tensor
 from layoutgen.models.components.heads import build_head, normalize_head_config
-from layoutgen.models.encoder import MiddleBlock
 
 DEFAULT_HEADS = [{"type": "RGBHead", "name": "rgb", "out_channels": 3}]
 
@@ -74,9 +73,9 @@ class Decoder(BaseModel):
         return list(self.heads.keys())
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        if z.dim() != 4 or z.shape[1] != self.cfg.latent_channels:
+        if not isinstance(z, torch.Tensor) or z.dim() != 4 or z.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"Decoder: expected a latent [N, {self.cfg.latent_channels}, h, w], "
-                             f"got {tuple(z.shape)}")
+                             f"got {describe_tensor(z)}")
         features = {"latent": z}
         h = self.mid(self.conv_in(z))
         features["decoder_mid"] = h

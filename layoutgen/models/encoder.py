@@ -18,8 +18,8 @@ from torch import nn
 from layoutgen.config import option
 from layoutgen.kernels import GroupNormSiLU
 from layoutgen.models.components.base_model import BaseModel
-from layoutgen.models.components.blocks import AttentionBlock, DownsampleBlock, ResNetBlock
-from layoutgen.models.components.codec import CodecConfig
+from layoutgen.models.components.blocks import DownsampleBlock, ResNetBlock
+from layoutgen.models.components.codec import CodecConfig, MiddleBlock, describe_tensor
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
@@ -34,21 +34,6 @@ class EncoderConfig(CodecConfig):
 
     def validate(self, where: str) -> None:
         self.validate_levels(where, self.downsampling_steps, "downsampling_steps")
-
-
-class MiddleBlock(nn.Module):
-    """ResNet block, optional self-attention, ResNet block, at the lowest resolution."""
-
-    def __init__(self, channels: int, cfg: CodecConfig) -> None:
-        super().__init__()
-        block = dict(dropout=cfg.dropout, norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps)
-        self.res1 = ResNetBlock(channels, channels, **block)
-        self.attn = AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups, cfg.norm_eps) \
-            if cfg.mid_attention else nn.Identity()
-        self.res2 = ResNetBlock(channels, channels, **block)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res2(self.attn(self.res1(x)))
 
 
 class Encoder(BaseModel):
@@ -80,8 +65,8 @@ class Encoder(BaseModel):
         return 2 ** self.cfg.downsampling_steps
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"Encoder: expected input [N, {self.cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"Encoder: expected input [N, {self.cfg.in_channels}, H, W], got {describe_tensor(x)}")
         h = self.conv_in(x)
         for layers in self.levels:
             for layer in layers:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from typing import IO
 
@@ -22,9 +23,14 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    # Not tempfile.mkstemp: it creates the file 0600, so every checkpoint would be unreadable to other users. Mode
+    # 0666 lets the umask decide, as a plain open() would; a replaced file keeps its own mode.
+    tmp_path = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp_path, stat.S_IMODE(os.stat(path).st_mode))
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

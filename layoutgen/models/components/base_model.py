@@ -108,6 +108,8 @@ class BaseModel(nn.Module):
             config = json.loads(meta["config"])
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: the stored config is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: the stored config must be a JSON object, got {type(config).__name__}")
         try:
             model = model_cls.from_config(config)
         except ValueError as err:
@@ -149,14 +151,20 @@ class BaseModel(nn.Module):
         """No gradients, eval mode, and stays in eval mode when a parent module calls .train()."""
         for p in self.parameters():
             p.requires_grad_(False)
-        self._frozen = True
+        self._set_frozen(True)
         return super().train(False)
 
     def unfreeze(self) -> BaseModel:
         for p in self.parameters():
             p.requires_grad_(True)
-        self._frozen = False
+        self._set_frozen(False)
         return self
+
+    def _set_frozen(self, frozen: bool) -> None:
+        # Sub-models too: else a sub-model frozen on its own would keep forcing eval mode after unfreeze().
+        for module in self.modules():
+            if isinstance(module, BaseModel):
+                module._frozen = frozen
 
     @property
     def is_frozen(self) -> bool:

@@ -1,10 +1,13 @@
-"""Config fields shared by the encoder and the decoder, and the channel count of each resolution level."""
+"""What the encoder and the decoder share: config fields, the channels of each resolution level, the middle block."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from layoutgen.config import Config, option
-from layoutgen.models.components.blocks import DEFAULT_NORM_EPS
+from layoutgen.models.components.blocks import DEFAULT_NORM_EPS, AttentionBlock, ResNetBlock
 
 
 @dataclass
@@ -40,3 +43,22 @@ class CodecConfig(Config):
         if self.mid_attention and top % self.attention_heads:
             raise ValueError(f"{where}.attention_heads: {self.attention_heads} does not divide the {top} channels "
                              f"of the middle block")
+
+
+def describe_tensor(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
+
+
+class MiddleBlock(nn.Module):
+    """ResNet block, optional self-attention, ResNet block, at the lowest resolution."""
+
+    def __init__(self, channels: int, cfg: CodecConfig) -> None:
+        super().__init__()
+        block = dict(dropout=cfg.dropout, norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps)
+        self.res1 = ResNetBlock(channels, channels, **block)
+        self.attn = AttentionBlock(channels, cfg.attention_heads, cfg.norm_groups, cfg.norm_eps) \
+            if cfg.mid_attention else nn.Identity()
+        self.res2 = ResNetBlock(channels, channels, **block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res2(self.attn(self.res1(x)))

@@ -1,0 +1,1 @@
+"""Training loops, experiment configs and the images they write."""
