@@ -33,7 +33,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout"],
+        # diffusers is a test-only reference for the schedulers and the UNet.
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "diffusers"],
     },
     entry_points={"console_scripts": ["layoutgen=layoutgen.cli:main"]},
 )

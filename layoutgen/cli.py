@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"layoutgen {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, even for a multi-line YAML parser message
+        print(f"layoutgen {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"layoutgen {args.command}: interrupted", file=sys.stderr)

@@ -6,21 +6,35 @@ import math
 import torch
 
 
-def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB over the whole batch; data_range 2 for images in [-1, 1]."""
+def psnr(prediction: torch.Tensor, target: torch.Tensor, value_range: tuple[float, float] = (-1.0, 1.0)) -> float:
+    """Peak signal-to-noise ratio in dB over the whole batch, for images in `value_range`.
+
+    Predictions are clipped to the value range first, as they are when saved as images.
+    """
     if prediction.shape != target.shape:
         raise ValueError(f"psnr: prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
-    mse = torch.mean((prediction.double().clamp(-data_range, data_range) - target.double()) ** 2).item()
+    low, high = value_range
+    data_range = high - low
+    mse = torch.mean((prediction.double().clamp(low, high) - target.double()) ** 2).item()
     return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def _check_logits(name: str, logits: torch.Tensor, target: torch.Tensor) -> None:
+    """logits [N, K, ...] and target [N, ...] must line up (else == would broadcast silently)."""
+    if logits.dim() != target.dim() + 1 or logits.shape[:1] + logits.shape[2:] != target.shape:
+        raise ValueError(f"{name}: logits {tuple(logits.shape)} and target {tuple(target.shape)} do not match; "
+                         f"expected logits [N, K, ...] and target [N, ...]")
 
 
 def pixel_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     """Share of pixels whose arg-max class equals the target. logits [N, K, H, W], target [N, H, W]."""
+    _check_logits("pixel_accuracy", logits, target)
     return (logits.argmax(dim=1) == target).double().mean().item()
 
 
 def mean_iou(logits: torch.Tensor, target: torch.Tensor, num_classes: int | None = None) -> float:
     """Mean intersection-over-union over the classes present in the prediction or the target."""
+    _check_logits("mean_iou", logits, target)
     num_classes = logits.shape[1] if num_classes is None else num_classes
     pred = logits.argmax(dim=1).reshape(-1)
     target = target.reshape(-1)
@@ -35,4 +49,5 @@ def mean_iou(logits: torch.Tensor, target: torch.Tensor, num_classes: int | None
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of samples whose arg-max class equals the label. logits [N, K], labels [N]."""
+    _check_logits("accuracy", logits, labels)
     return (logits.argmax(dim=1) == labels).double().mean().item()

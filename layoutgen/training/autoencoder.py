@@ -58,11 +58,13 @@ def warmup_cosine(warmup_steps: int, total_steps: int):
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A deterministic shuffle of range(n) cut into (train, validation)."""
+    """A deterministic shuffle of range(n) cut into (train, validation); n >= 2 keeps one item in train."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n_val == 0:
         n_val = 1
+    if n >= 2:
+        n_val = min(n_val, n - 1)  # keep at least one training item (e.g. n=3, val_fraction=0.9)
     return order[n_val:], order[:n_val]
 
 
@@ -166,9 +168,15 @@ def train_autoencoder(experiment: AutoencoderExperiment | Mapping[str, Any], out
                 bar.update(1)
                 continue
             scaler.scale(loss).backward()
-            if train_cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or math.inf)
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+                # A finite loss can still give non-finite gradients; skip them too. (With fp16 the GradScaler
+                # skips such steps itself and lowers its scale.)
+                skipped += 1
+                step += 1
+                bar.update(1)
+                continue
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()

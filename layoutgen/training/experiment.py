@@ -73,8 +73,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         node = result
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node.get(part), dict):  # a later, deeper key replaces an earlier scalar
+                node[part] = {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = " ".join(str(getattr(err, "problem", None) or err).split())
+            raise ValueError(f"--set {key}: value {raw!r} is not valid YAML ({problem})") from None
     return result
 
 

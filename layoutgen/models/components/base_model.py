@@ -26,6 +26,10 @@ _MODEL_MODULES = {
     "Encoder": "layoutgen.models.encoder",
     "Decoder": "layoutgen.models.decoder",
     "Autoencoder": "layoutgen.models.autoencoder",
+    "UNet": "layoutgen.models.components.unet",
+    "DiffusionModel": "layoutgen.models.diffusion",
+    "ControlNet": "layoutgen.models.components.controlnet",
+    "ControlNetDiffusion": "layoutgen.models.controlnet_diffusion",
 }
 _MODEL_CLASSES: dict[str, type[BaseModel]] = {}
 
@@ -90,11 +94,12 @@ class BaseModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                        strict: bool = True) -> BaseModel:
+                        strict: bool = True, config_overrides: Mapping[str, Any] | None = None) -> BaseModel:
         """Rebuilds a model from a file written by `save_checkpoint`.
 
         Called on BaseModel it builds whichever layoutgen model the file holds; on a subclass, the file must hold
-        that class.
+        that class. `config_overrides` replaces top-level config keys that do not change the weights' shapes
+        (e.g. the path of a frozen sub-model's checkpoint after moving files).
         """
         tensors, meta = load_checkpoint_file(path)
         name = meta.get("model_class")
@@ -110,6 +115,7 @@ class BaseModel(nn.Module):
             raise CheckpointError(f"{path}: the stored config is not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: the stored config must be a JSON object, got {type(config).__name__}")
+        config.update(config_overrides or {})
         try:
             model = model_cls.from_config(config)
         except ValueError as err:
@@ -173,6 +179,10 @@ class BaseModel(nn.Module):
     def train(self, mode: bool = True) -> BaseModel:
         # A frozen model keeps dropout off and its norms in inference behaviour whatever its parent does.
         return super().train(False if self._frozen else mode)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What an optimizer should get: the parameters that require gradients (frozen sub-models left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,162 @@
+"""The `layoutgen` command, in-process through layoutgen.cli.main and once as `python -m layoutgen`."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import layoutgen
+from layoutgen.cli import main
+from layoutgen.models.autoencoder import Autoencoder
+
+REPO = Path(__file__).resolve().parents[1]
+CODEC = dict(latent_channels=4, base_channels=8, norm_groups=4)
+TINY = {
+    "autoencoder": {
+        "encoder": dict(downsampling_steps=2, **CODEC),
+        "decoder": dict(upsampling_steps=2, heads=[
+            {"type": "RGBHead", "name": "rgb", "out_channels": 3},
+            {"type": "SegmentationHead", "name": "segmentation", "num_classes": 11},
+        ], **CODEC),
+    },
+    "loss": [
+        {"type": "MSELoss", "key": "rgb", "target": "rgb"},
+        {"type": "CrossEntropyLoss", "key": "segmentation", "target": "segmentation", "weight": 0.05},
+    ],
+    "data": {"num_samples": 8, "image_size": 32},
+    "training": {"epochs": 3, "batch_size": 4, "device": "cpu"},
+}
+# The quickstart's model (2 downsampling steps, base_channels 32) made tiny.
+QUICKSTART_TINY = [
+    "data.num_samples=8", "data.image_size=32", "training.max_steps=1", "training.batch_size=4",
+    "training.device=cpu",
+    *(f"autoencoder.{part}.{key}" for part in ("encoder", "decoder") for key in ("base_channels=8", "norm_groups=4")),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    return path
+
+
+def _sets(pairs):
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert torch.__version__ in out
+    assert f"layoutgen {layoutgen.__version__}" in out
+
+
+def test_info_as_a_module():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "layoutgen", "info"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.__version__ in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_train(tmp_path, tiny_config, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(tiny_config), "--out", str(out), "--no-progress",
+                 "--set", "training.max_steps=2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "results:" in captured.out
+    assert "rgb_psnr" in captured.out and "segmentation_mean_iou" in captured.out
+    steps = [line.split() for line in captured.out.splitlines() if line.split()[:1] == ["steps"]]
+    assert steps == [["steps", "2"]]
+    checkpoint = out / "autoencoder.safetensors"
+    assert checkpoint.is_file()
+    assert Autoencoder.from_checkpoint(str(checkpoint)).cfg.encoder.base_channels == 8
+    for name in ("metrics.csv", "config.yaml", "reconstructions.png"):
+        assert (out / name).is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["max_steps"] == 2
+
+
+def test_train_with_a_missing_config_exits_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "does_not_exist.yaml"
+    code = main(["train", "--config", str(missing), "--out", str(tmp_path / "run"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert str(missing) in lines[0]
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_an_unknown_key_exits_2_naming_it(tmp_path, tiny_config, capsys):
+    code = main(["train", "--config", str(tiny_config), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", "training.lerning_rate=1"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "training.lerning_rate" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("bad", ["foo", "training.device=[cpu"])
+def test_train_with_a_malformed_override_exits_2(tmp_path, tiny_config, capsys, bad):
+    code = main(["train", "--config", str(tiny_config), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--set", bad])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert bad.split("=")[0] in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_train_with_malformed_yaml_exits_2_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: {epochs: 1\n")
+    code = main(["train", "--config", str(bad), "--out", str(tmp_path / "run"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert str(bad) in lines[0] and "YAML" in lines[0]
+
+
+def test_quickstart_tiny(tmp_path, capsys):
+    out = tmp_path / "quick"
+    code = main(["quickstart", "--out", str(out), "--no-progress", *_sets(QUICKSTART_TINY)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "results:" in captured.out
+    for key in ("rgb_psnr", "segmentation_pixel_accuracy", "classification_accuracy"):
+        assert key in captured.out
+    assert (out / "autoencoder.safetensors").is_file()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["autoencoder"]["encoder"]["base_channels"] == 8
+    assert config["autoencoder"]["encoder"]["downsampling_steps"] == 2  # the quickstart's own setting survives
+    assert config["data"]["image_size"] == 32
+
+
+def test_no_subcommand_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage" in capsys.readouterr().err.lower()
+
+
+def test_train_requires_config(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train"])
+    assert info.value.code == 2
+    assert "--config" in capsys.readouterr().err
