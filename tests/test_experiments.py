@@ -16,7 +16,8 @@ from layoutgen.models.losses.base_loss import build_loss
 from layoutgen.training.experiment import AutoencoderExperiment, load_experiment, merge, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+# The autoencoder experiments (the diffusion and ControlNet configs are checked in test_controlnet_diffusion.py).
+EXPERIMENTS = sorted((REPO / "experiments").glob("autoencoder_*.yaml"))
 QUICKSTART = resources.files("layoutgen.training").joinpath("quickstart.yaml")
 SEED_DOC_CANDIDATES = [root / "shared" / "seed" / "models-module.md" for root in (REPO, REPO.parent)]
 CHECK_SIZE = 64  # small enough for a CPU forward pass of the 512x512 configs' models

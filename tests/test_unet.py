@@ -67,6 +67,23 @@ def test_timestep_changes_output():
     assert torch.allclose(unet(x2, torch.tensor(7)), unet(x2, torch.full((3,), 7)))
 
 
+def test_bad_timesteps_and_inputs_are_named():
+    unet = small_unet()
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"timesteps must be a scalar or \[N\] with N=2"):
+        unet(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"timesteps"):
+        unet(x, torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expected x \[N, 4, H, W\], got a NoneType"):
+        unet(None, torch.tensor([1, 2]))
+
+
+def test_empty_batch():
+    unet = small_unet(num_classes=2)
+    out = unet(torch.randn(0, 4, 8, 8), torch.zeros(0, dtype=torch.long), labels=torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 4, 8, 8)
+
+
 def test_odd_spatial_size():
     unet = small_unet()
     out = unet(torch.randn(1, 4, 13, 9), torch.tensor([5]))
@@ -101,8 +118,10 @@ def test_class_labels_and_null_class():
     assert not torch.allclose(a, b)
     # No labels means the null class.
     assert torch.equal(unet(x, t), unet(x, t, labels=torch.tensor([3, 3])))
-    with pytest.raises(ValueError, match=r"labels must be \[N\] class indices in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"labels must be \[N\] integer class indices in \[0, 3\]"):
         unet(x, t, labels=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="integer class indices"):
+        unet(x, t, labels=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match="num_classes=0"):
         small_unet()(x, t, labels=torch.tensor([0, 1]))
 

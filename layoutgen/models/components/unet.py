@@ -106,7 +106,96 @@ class UNetLayer(nn.Module):
         return self.attn(x) if self.attn is not None else x
 
 
-class UNet(BaseModel):
+class UNetEncoderPath:
+    """The embedding, down path and middle block, shared by the UNet and the ControlNet's trainable copy.
+
+    The class using it has `time_embed`, `class_embed`, `conv_in`, `down` and `mid` built as in UNet.__init__, and
+    `unet_config`, the UNetConfig they were built from.
+    """
+
+    unet_config: UNetConfig
+
+    @property
+    def null_label(self) -> int:
+        """The class index meaning "no class" (classifier-free guidance's unconditional branch)."""
+        return self.unet_config.num_classes
+
+    # ------------------------------------------------------------------ parts
+    def embed(self, t: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
+        """Timestep (+ class) embedding [N, time_dim]. `t`: [N] or a scalar; labels [N] or None (= null class)."""
+        t = torch.as_tensor(t, device=self.conv_in.weight.device)
+        if t.dim() == 0:
+            t = t.expand(batch_size or 1)
+        elif t.dim() != 1 or (batch_size is not None and t.shape[0] != batch_size):
+            raise ValueError(f"{type(self).__name__}: timesteps must be a scalar or [N] with N={batch_size}, "
+                             f"got {describe_tensor(t)}")
+        emb = self.time_embed(timestep_embedding(t, self.unet_config.base_channels).to(self.conv_in.weight.dtype))
+        if self.class_embed is not None:
+            if labels is None:
+                labels = torch.full((t.shape[0],), self.null_label, device=t.device, dtype=torch.long)
+            self._check_labels(labels, t)
+            emb = emb + self.class_embed(labels)
+        elif labels is not None:
+            raise ValueError(f"{type(self).__name__}: labels were given but the UNet has num_classes=0")
+        return emb
+
+    def _run(self, layer: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if isinstance(layer, UNetLayer):
+            if self.unet_config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(layer, x, emb, use_reentrant=False)
+            return layer(x, emb)
+        return layer(x)
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None = None,
+               hint: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path: (lowest-resolution features, skip features from full resolution down).
+
+        `hint` (a ControlNet's encoded control image) is added to the input conv's output.
+        """
+        self._check_inputs(x, cond)
+        if self.unet_config.cond_channels:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)
+        h = self.conv_in(x)
+        if hint is not None:
+            h = h + hint
+        skips = [h]
+        for layer in self.down:
+            h = self._run(layer, h, emb)
+            skips.append(h)
+        return h, skips
+
+    def middle(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self.mid:
+            h = self._run(layer, h, emb)
+        return h
+
+    def _check_labels(self, labels: torch.Tensor, t: torch.Tensor) -> None:
+        message = (f"{type(self).__name__}: labels must be [N] integer class indices in [0, {self.null_label}] "
+                   f"({self.null_label} = null class) for N={t.shape[0]} timesteps")
+        if labels.shape != t.shape or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"{message}, got {describe_tensor(labels)} of {labels.dtype}")
+        # The value check reads the labels on the host: done on CPU tensors only, so CUDA steps never wait for it
+        # and torch.compile sees no data-dependent branch.
+        if labels.numel() and labels.device.type == "cpu" and not torch.compiler.is_compiling():
+            if labels.min() < 0 or labels.max() > self.null_label:
+                raise ValueError(f"{message}, got values {labels.tolist()}")
+
+    def _check_inputs(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
+        cfg = self.unet_config
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected x [N, {cfg.in_channels}, H, W], "
+                             f"got {describe_tensor(x)}")
+        if cfg.cond_channels:
+            expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
+            if cond is None or tuple(cond.shape) != expected:
+                raise ValueError(f"{type(self).__name__}: cond_channels={cfg.cond_channels} needs cond of shape "
+                                 f"{list(expected)}, "
+                                 f"got {describe_tensor(cond) if cond is not None else None}")
+        elif cond is not None:
+            raise ValueError(f"{type(self).__name__}: cond was given but the UNet has cond_channels=0")
+
+
+class UNet(UNetEncoderPath, BaseModel):
     config_class = UNetConfig
 
     def __init__(self, config: dict | UNetConfig | None = None, **overrides) -> None:
@@ -150,50 +239,8 @@ class UNet(BaseModel):
         nn.init.zeros_(self.conv_out.bias)
 
     @property
-    def null_label(self) -> int:
-        """The class index meaning "no class" (classifier-free guidance's unconditional branch)."""
-        return self.cfg.num_classes
-
-    # ------------------------------------------------------------------ parts
-    def embed(self, t: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
-        """Timestep (+ class) embedding [N, time_dim]. `t`: [N] or a scalar; labels [N] or None (= null class)."""
-        t = torch.as_tensor(t, device=self.conv_in.weight.device)
-        if t.dim() == 0:
-            t = t.expand(batch_size or 1)
-        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(self.conv_in.weight.dtype))
-        if self.class_embed is not None:
-            if labels is None:
-                labels = torch.full((t.shape[0],), self.null_label, device=t.device, dtype=torch.long)
-            self._check_labels(labels, t)
-            emb = emb + self.class_embed(labels)
-        elif labels is not None:
-            raise ValueError("UNet: labels were given but the model has num_classes=0")
-        return emb
-
-    def _run(self, layer: nn.Module, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        if isinstance(layer, UNetLayer):
-            if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(layer, x, emb, use_reentrant=False)
-            return layer(x, emb)
-        return layer(x)
-
-    def encode(self, x: torch.Tensor, emb: torch.Tensor,
-               cond: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The down path: (lowest-resolution features, skip features from full resolution down)."""
-        self._check_inputs(x, cond)
-        if self.cfg.cond_channels:
-            x = torch.cat([x, cond.to(x.dtype)], dim=1)
-        h = self.conv_in(x)
-        skips = [h]
-        for layer in self.down:
-            h = self._run(layer, h, emb)
-            skips.append(h)
-        return h, skips
-
-    def middle(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        for layer in self.mid:
-            h = self._run(layer, h, emb)
-        return h
+    def unet_config(self) -> UNetConfig:
+        return self.cfg
 
     def decode(self, h: torch.Tensor, skips: list[torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         """The up path, consuming `skips` from the lowest resolution up, then the output conv."""
@@ -208,29 +255,7 @@ class UNet(BaseModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, cond)
         emb = self.embed(t, labels, batch_size=x.shape[0])
         h, skips = self.encode(x, emb, cond)
         return self.decode(self.middle(h, emb), skips, emb)
-
-    def _check_labels(self, labels: torch.Tensor, t: torch.Tensor) -> None:
-        message = (f"UNet: labels must be [N] class indices in [0, {self.null_label}] ({self.null_label} = null "
-                   f"class) for N={t.shape[0]} timesteps")
-        if labels.shape != t.shape:
-            raise ValueError(f"{message}, got {describe_tensor(labels)}")
-        # The value check reads the labels on the host: done on CPU tensors only, so CUDA steps never wait for it
-        # and torch.compile sees no data-dependent branch.
-        if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-            if labels.min() < 0 or labels.max() > self.null_label:
-                raise ValueError(f"{message}, got values {labels.tolist()}")
-
-    def _check_inputs(self, x: torch.Tensor, cond: torch.Tensor | None) -> None:
-        cfg = self.cfg
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
-            raise ValueError(f"UNet: expected x [N, {cfg.in_channels}, H, W], got {describe_tensor(x)}")
-        if cfg.cond_channels:
-            expected = (x.shape[0], cfg.cond_channels, *x.shape[2:])
-            if cond is None or tuple(cond.shape) != expected:
-                raise ValueError(f"UNet: cond_channels={cfg.cond_channels} needs cond of shape {list(expected)}, "
-                                 f"got {describe_tensor(cond) if cond is not None else None}")
-        elif cond is not None:
-            raise ValueError("UNet: cond was given but the model has cond_channels=0")
