@@ -127,3 +127,16 @@ def test_synthetic_block(readme_namespace):
         rows = list(csv.DictReader(fh))
     assert rows
     assert len(rows) == len(list((work / "data" / "synth" / "images").glob("*.png")))
+
+
+def test_diffusion_block(readme_namespace):
+    _, ns = _block(readme_namespace, "DiffusionModel.from_config")
+    assert ns["x_t"].shape == ns["noise"].shape == ns["latent"].shape
+    assert ns["pred_noise"].shape == ns["latent"].shape
+    assert ns["loss"].ndim == 0 and torch.isfinite(ns["loss"])
+    assert ns["generated_latent"].shape == (2, 16, 32, 32)
+
+
+def test_controlnet_block(readme_namespace):
+    _, ns = _block(readme_namespace, "ControlNetDiffusion.from_base")
+    assert ns["latents"].shape == (2, 16, 32, 32) and torch.isfinite(ns["latents"]).all()
