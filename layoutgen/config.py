@@ -8,6 +8,7 @@ surfacing later as a shape error deep inside a forward pass.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -205,3 +206,32 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def check_typed_config(config: Any, registry: Mapping[str, type], where: str, kind: str,
+                       supplied: tuple[str, ...] = ()) -> tuple[type, dict[str, Any]]:
+    """Checks a `{type: Name, **constructor arguments}` config against a registry of classes.
+
+    Returns (the class, its keyword arguments). A missing or unknown type, an unknown key or a missing required
+    argument raises a ValueError naming it and listing what is valid. `supplied` names constructor arguments the
+    caller provides itself (they are neither required nor allowed in the config).
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where}: a {kind} config must be a mapping with a 'type', got {config!r}")
+    valid_types = list(registry)
+    name = config.get("type")
+    if name not in registry:
+        problem = "has no 'type'" if "type" not in config else f"unknown {kind} type {name!r}"
+        raise ValueError(f"{where}.type: {problem}; valid types: {valid_types}")
+    cls = registry[name]
+    params = {n: p for n, p in inspect.signature(cls).parameters.items()
+              if n not in supplied and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    valid_keys = ["type", *params]
+    kwargs = {k: v for k, v in config.items() if k != "type"}
+    for key in kwargs:
+        if key not in params:
+            raise ValueError(f"{where}.{key}: unknown key for {name}; valid keys: {valid_keys}")
+    for key, param in params.items():
+        if param.default is param.empty and key not in kwargs:
+            raise ValueError(f"{where}.{key}: missing required key for {name}; valid keys: {valid_keys}")
+    return cls, kwargs

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layoutgen.config import coerce_value
+from layoutgen.config import check_typed_config, coerce_value
 from layoutgen.kernels import GroupNormSiLU
 from layoutgen.models.components.blocks import check_divisible
 
@@ -117,26 +117,13 @@ def normalize_head_config(config: Mapping[str, Any], where: str) -> dict[str, An
 
     `in_channels` is not part of a head config: the decoder supplies it from the head's source.
     """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"{where}: a head config must be a mapping with a 'type', got {config!r}")
-    head_type = config.get("type")
-    if head_type not in HEAD_REGISTRY:
-        raise ValueError(f"{where}.type: unknown head type {head_type!r}; choose one of {list(HEAD_REGISTRY)}")
-    head_cls = HEAD_REGISTRY[head_type]
-    params = {n: p for n, p in inspect.signature(head_cls.__init__).parameters.items()
-              if n not in ("self", "in_channels")}
+    head_cls, given = check_typed_config(config, HEAD_REGISTRY, where, "head", supplied=("in_channels",))
     hints = typing.get_type_hints(head_cls.__init__)
-    normalized: dict[str, Any] = {"type": head_type}
-    for key in config:
-        if key != "type" and key not in params:
-            raise ValueError(f"{where}.{key}: unknown key for {head_type}; valid keys are {['type', *params]}")
-    for key, param in params.items():
-        if key in config:
-            normalized[key] = coerce_value(config[key], hints[key], f"{where}.{key}")
-        elif param.default is inspect.Parameter.empty:
-            raise ValueError(f"{where}.{key}: missing required key for {head_type}")
-        else:
-            normalized[key] = param.default
+    normalized: dict[str, Any] = {"type": config["type"]}
+    for key, param in inspect.signature(head_cls).parameters.items():
+        if key == "in_channels":
+            continue
+        normalized[key] = coerce_value(given[key], hints[key], f"{where}.{key}") if key in given else param.default
     return normalized
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layoutgen.config import check_typed_config
 from layoutgen.kernels import noise_ops
 
 PREDICTION_TYPES = noise_ops.PREDICTION_TYPES
@@ -153,7 +154,7 @@ class NoiseScheduler:
     @property
     def config(self) -> dict[str, Any]:
         """Every constructor argument as a plain dict with "type": `build_scheduler(s.config)` rebuilds s."""
-        params = _constructor_params(type(self))
+        params = [name for name, p in inspect.signature(type(self)).parameters.items() if p.kind is p.KEYWORD_ONLY]
         return {"type": self.type_name, **{name: getattr(self, name) for name in params}}
 
     def __repr__(self) -> str:
@@ -487,11 +488,6 @@ SCHEDULER_REGISTRY: dict[str, type[NoiseScheduler]] = _Registry({
 })
 
 
-def _constructor_params(cls: type) -> list[str]:
-    return [name for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-
 def build_scheduler(config: Mapping[str, Any] | NoiseScheduler) -> NoiseScheduler:
     """A scheduler from a config dict {"type": "CosineScheduler", "num_steps": 500, ...} (or a scheduler, as is).
 
@@ -502,16 +498,5 @@ def build_scheduler(config: Mapping[str, Any] | NoiseScheduler) -> NoiseSchedule
         return config
     if not isinstance(config, Mapping):
         raise ValueError(f"build_scheduler: config must be a dict, got {type(config).__name__}")
-    valid_types = list(SCHEDULER_REGISTRY)
-    cfg = dict(config)
-    if "type" not in cfg:
-        raise ValueError(f"build_scheduler: config {cfg} has no 'type'; valid types: {valid_types}")
-    name = cfg.pop("type")
-    if name not in SCHEDULER_REGISTRY:
-        raise ValueError(f"build_scheduler: unknown scheduler type {name!r}; valid types: {valid_types}")
-    cls = SCHEDULER_REGISTRY[name]
-    params = _constructor_params(cls)
-    for key in cfg:
-        if key not in params:
-            raise ValueError(f"build_scheduler: {name} got unknown key {key!r}; valid keys: {['type', *params]}")
-    return cls(**cfg)
+    cls, kwargs = check_typed_config(config, SCHEDULER_REGISTRY, "build_scheduler", "scheduler")
+    return cls(**kwargs)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layoutgen.config import check_typed_config
 from layoutgen.models.losses.loss_utils import (
     REDUCTIONS,
     autocast_disabled,
@@ -426,15 +427,6 @@ LOSS_REGISTRY: dict[str, type[nn.Module]] = {
 }
 
 
-def _constructor_params(cls: type) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(cls).parameters
-    return {
-        name: p
-        for name, p in params.items()
-        if p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    }
-
-
 def build_loss(config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | nn.Module) -> nn.Module:
     """Build a loss from a config.
 
@@ -455,24 +447,9 @@ def build_loss(config: Mapping[str, Any] | Sequence[Mapping[str, Any]] | nn.Modu
     if not isinstance(config, Mapping):
         raise ValueError(f"build_loss: config must be a dict or a list of dicts, got {type(config).__name__}")
 
-    valid_types = sorted(LOSS_REGISTRY)
-    cfg = dict(config)
-    if "type" not in cfg:
-        raise ValueError(f"build_loss: config {cfg} has no 'type'; valid types: {valid_types}")
-    loss_type = cfg.pop("type")
-    if loss_type not in LOSS_REGISTRY:
-        raise ValueError(f"build_loss: unknown loss type {loss_type!r}; valid types: {valid_types}")
-    cls = LOSS_REGISTRY[loss_type]
-
-    params = _constructor_params(cls)
-    valid_keys = ["type", *params]
-    for arg in cfg:
-        if arg not in params:
-            raise ValueError(f"build_loss: {loss_type} got unknown argument {arg!r}; valid keys: {valid_keys}")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in cfg]
-    if missing:
-        raise ValueError(f"build_loss: {loss_type} is missing required argument(s) {missing}; valid keys: {valid_keys}")
-
+    cls, cfg = check_typed_config(config, LOSS_REGISTRY, "build_loss", "loss")
+    loss_type = config["type"]
+    valid_keys = ["type", *inspect.signature(cls).parameters]
     if cls is CompositeLoss:
         parts = cfg["losses"]
         if isinstance(parts, (str, bytes, Mapping)) or not isinstance(parts, Sequence):
