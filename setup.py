@@ -2,11 +2,86 @@
 
 The folder `kernels/` is installed as the subpackage `layoutgen.kernels` (there is an unrelated PyPI package named
 `kernels`, so it must never be importable at top level).
+
+The noise-op extension `layoutgen._C` (csrc/) is built with the torch already installed, hence
+`pip install --no-build-isolation`: a CppExtension always, a CUDAExtension (csrc/cuda/*.cu too) where torch has CUDA
+and nvcc is found. The build never fails the install: if the CUDA build fails it retries without CUDA, and if that
+fails too the package installs without the extension (layoutgen.kernels.noise_ops then builds it on first use with
+torch.utils.cpp_extension.load, or falls back to PyTorch). LAYOUTGEN_NO_EXTENSION=1 skips it; LAYOUTGEN_BUILD_CUDA=0
+builds the CPU part only.
 """
+import glob
+import os
+import sys
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["layoutgen", "layoutgen.*"])
 packages.append("layoutgen.kernels")
+
+
+def _noise_op_extension():
+    """(ext_modules, cmdclass) for layoutgen._C, or ([], {}) where torch is missing or the build is switched off."""
+    if os.environ.get("LAYOUTGEN_NO_EXTENSION", "0") not in ("", "0"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("layoutgen: torch is not importable at build time; skipping the noise-op extension "
+              "(install torch first and use pip install --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpp_sources = ["csrc/noise_ops.cpp"]
+    cuda_sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
+    openmp = sys.platform.startswith("linux")  # at::parallel_for runs on OpenMP threads only when compiled with it
+    cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
+    link_flags = ["-fopenmp"] if openmp else []
+    want_cuda = (os.environ.get("LAYOUTGEN_BUILD_CUDA", "1") not in ("", "0") and torch.version.cuda is not None
+                 and cpp_extension.CUDA_HOME is not None and bool(cuda_sources))
+
+    if want_cuda:
+        ext = cpp_extension.CUDAExtension("layoutgen._C", cpp_sources + cuda_sources,
+                                          include_dirs=[os.path.join(here, "csrc")],
+                                          extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+                                          extra_link_args=link_flags)
+    else:
+        ext = cpp_extension.CppExtension("layoutgen._C", cpp_sources, include_dirs=[os.path.join(here, "csrc")],
+                                         extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+
+    class BuildNoiseOps(cpp_extension.BuildExtension):
+        """Never fails the install: CUDA build -> CPU-only build -> no extension (with a message each time)."""
+
+        def build_extensions(self):
+            self._failed = set()
+            super().build_extensions()
+            # A failed extension has no file to copy into the source tree or to put in the wheel.
+            self.extensions = [e for e in self.extensions if e.name not in self._failed]
+
+        def build_extension(self, ext):
+            try:
+                return super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - any compiler or ninja failure
+                if ext.name == "layoutgen._C" and any(s.endswith(".cu") for s in ext.sources):
+                    print(f"layoutgen: building the CUDA noise ops failed ({error}); retrying without CUDA",
+                          file=sys.stderr)
+                    # Same extension (and the flags BuildExtension added to it) without the .cu files; the CPU
+                    # object is reused. Its CUDA libraries stay linked: they exist wherever torch has CUDA.
+                    ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                    try:
+                        return super().build_extension(ext)
+                    except Exception as cpu_error:  # noqa: BLE001
+                        error = cpu_error
+                print(f"layoutgen: building the noise-op extension failed ({error}); installing without it "
+                      "(layoutgen.kernels.noise_ops will try a JIT build on first use)", file=sys.stderr)
+                self._failed.add(ext.name)
+                return None
+
+    return [ext], {"build_ext": BuildNoiseOps}
+
+
+ext_modules, cmdclass = _noise_op_extension()
 
 setup(
     name="layoutgen",
@@ -27,6 +102,8 @@ setup(
         "tqdm",
         "matplotlib",
         "pillow",
+        # Builds the noise-op extension on first use where layoutgen._C was not built (torch.utils.cpp_extension).
+        "ninja",
         # Triton ships wheels for Linux x86_64 only; elsewhere the kernels fall back to their PyTorch references.
         'triton; platform_system == "Linux" and platform_machine == "x86_64"',
     ],
@@ -37,4 +114,6 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "diffusers"],
     },
     entry_points={"console_scripts": ["layoutgen=layoutgen.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

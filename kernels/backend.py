@@ -10,19 +10,29 @@ Names:
 - "triton": the fused kernels everywhere, Triton kernels on CPU tensors included (they then need
   TRITON_INTERPRET=1, which is how the tests check them without a GPU);
 - "reference": the pure-PyTorch references, for comparison and debugging.
+
+Every Triton-backed op asks `use_triton(x)` and nothing else. Under torch.compile the choice is made while tracing:
+dynamo guards on set_backend / use_backend (a change recompiles) but reads the environment variable only once.
+Attention has its own switch of the same shape in attention.py (LAYOUTGEN_ATTENTION_BACKEND).
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import threading
 from collections.abc import Iterator
+
+import torch
 
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "LAYOUTGEN_KERNEL_BACKEND"
 
 _state = threading.local()
 _process_default: str | None = None
+# Triton ships for Linux x86_64 only; checked without importing it (importing triton reads TRITON_INTERPRET).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check(name: str, source: str) -> str:
@@ -59,3 +69,21 @@ def use_backend(name: str) -> Iterator[str]:
         yield name
     finally:
         stack.pop()
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether an op should run its Triton kernels on `x` under the active backend.
+
+    auto: CUDA tensors of a Triton dtype when triton is installed; triton: every tensor of a Triton dtype (CPU ones
+    need TRITON_INTERPRET=1, which the kernels check when they launch); reference: never. float64 always takes the
+    reference (the kernels compute their statistics in float32).
+    """
+    name = get_backend()
+    if name == "reference" or x.dtype not in TRITON_DTYPES:
+        return False
+    if name == "triton":
+        if not TRITON_INSTALLED:
+            raise RuntimeError("layoutgen.kernels: backend 'triton' was asked for but triton is not installed "
+                               "(pip install triton, Linux x86_64), use 'auto' or 'reference'")
+        return True
+    return x.is_cuda and TRITON_INSTALLED

@@ -3,6 +3,8 @@
     layoutgen quickstart [--out DIR] [--set key=value ...]   train a small autoencoder on generated layouts
     layoutgen train --config X.yaml [--out DIR] [--set ...]   train an autoencoder experiment
     layoutgen info                                            versions, devices and kernel paths
+    layoutgen data synth --out DIR [--num N --size S --seed K]  write procedural layouts and a manifest.csv
+    layoutgen embed --autoencoder CKPT --manifest M --out DIR   pre-embed every image into latents (resumable)
 
 User mistakes (a missing config, a bad key) print one line on stderr and exit with status 2; nothing else does.
 """
@@ -57,7 +59,56 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{name:<9} {getattr(module, '__version__', 'installed')}")
         except ImportError:
             print(f"{name:<9} not installed")
-    print("kernels   group_norm_silu: reference (PyTorch); attention: sdpa")
+    from layoutgen.kernels import get_attention_backend, get_backend
+    from layoutgen.kernels.noise_ops import describe_path
+    backend = get_backend()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gn_path = "triton" if backend == "triton" or (backend == "auto" and device == "cuda") else "reference (PyTorch)"
+    print(f"kernels   backend {backend}: group_norm_silu on {device}: {gn_path}; "
+          f"attention: {get_attention_backend()}")
+    print(f"          noise_ops: {describe_path()}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from layoutgen.models.datasets.synthetic import write_synthetic_dataset
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    if args.size < 32:
+        raise ValueError(f"--size must be >= 32, got {args.size}")
+    if not 0.0 <= args.empty_prob <= 1.0:
+        raise ValueError(f"--empty-prob must be in [0, 1], got {args.empty_prob}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} exists and is not a folder")
+    start = time.perf_counter()
+    manifest = write_synthetic_dataset(args.out, num=args.num, size=args.size, seed=args.seed,
+                                       empty_prob=args.empty_prob)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.num} layouts of {args.size}x{args.size} to {args.out} in {elapsed:.1f} s "
+          f"({args.num / max(elapsed, 1e-9):.0f}/s); manifest: {manifest}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from layoutgen.models.datasets.embed import embed_manifest
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not os.path.isfile(args.autoencoder):
+        raise FileNotFoundError(f"autoencoder checkpoint not found: {args.autoencoder}")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    summary = embed_manifest(args.autoencoder, args.manifest, args.out, batch_size=args.batch_size,
+                             device=args.device, amp=args.amp, image_size=args.image_size,
+                             num_workers=args.num_workers, on_error=args.on_error, progress=not args.no_progress)
+    print(f"embedded {summary['embedded']} images ({summary['already_embedded']} already done, "
+          f"{summary['skipped']} skipped) -> {summary['manifest']}; latent shape {summary['latent_shape']}")
     return 0
 
 
@@ -82,6 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, devices and active kernel paths")
     info.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="data sets: generate synthetic layouts")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write procedural floor plans (PNGs) and a manifest.csv")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--num", type=int, default=1000, help="number of layouts (default 1000)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default 128, >= 32)")
+    synth.add_argument("--seed", type=int, default=0, help="layout i is drawn from (seed, i) (default 0)")
+    synth.add_argument("--empty-prob", type=float, default=0.05, help="share of empty canvases (default 0.05)")
+    synth.set_defaults(func=cmd_data_synth)
+
+    embed = sub.add_parser("embed", help="encode every image of a manifest into latents with a frozen autoencoder")
+    embed.add_argument("--autoencoder", required=True, help="autoencoder checkpoint (.safetensors)")
+    embed.add_argument("--manifest", required=True, help="input manifest.csv (needs layout_path)")
+    embed.add_argument("--out", required=True, help="output folder: latents/ and a manifest.csv with latent_path")
+    embed.add_argument("--batch-size", type=int, default=16)
+    embed.add_argument("--image-size", type=int, default=None, help="resize images first (default: as stored)")
+    embed.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    embed.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+                       help="autocast while encoding (auto: bf16 on CUDA, none on the CPU)")
+    embed.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images")
+    embed.add_argument("--on-error", default="raise", choices=("raise", "skip"),
+                       help="missing or corrupt images: stop (default) or skip them")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
+    embed.set_defaults(func=cmd_embed)
     return parser
 
 

@@ -9,11 +9,20 @@ import math
 import pytest
 import torch
 
-from layoutgen.kernels import attention, attention_ref
+from layoutgen.kernels import (attention, attention_ref, get_attention_backend, set_attention_backend,
+                               use_attention_backend)
 
 # `layoutgen.kernels.attention` the attribute is the function; the module holds BACKENDS.
 attention_module = importlib.import_module("layoutgen.kernels.attention")
+ALL_BACKENDS = ["sdpa", "xformers", "math"]
+# The backends that run on CPU tensors (xformers has no CPU kernels: it is tested on CUDA below).
 BACKENDS = ["sdpa", "math"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_attention_backend(monkeypatch):
+    monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
+    monkeypatch.setattr(attention_module, "_process_default", None)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +68,7 @@ def qkv(b, h, lq, lk, d, dv, seed, dtype=torch.float32, scale=1.0):
 
 
 def test_backends_constant():
-    assert tuple(attention_module.BACKENDS) == tuple(BACKENDS)
+    assert tuple(attention_module.BACKENDS) == tuple(ALL_BACKENDS)
     assert attention_module.DEFAULT_BACKEND in BACKENDS
 
 
@@ -135,14 +144,14 @@ def test_bfloat16_inputs(backend):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", ["flash", "SDPA", "xformers", ""])
+@pytest.mark.parametrize("bad", ["flash", "SDPA", "xformer", ""])
 def test_unknown_backend(bad):
     q, k, v = qkv(1, 1, 4, 4, 8, 8, seed=100)
     with pytest.raises(ValueError) as info:
         attention(q, k, v, backend=bad)
     message = str(info.value)
     assert repr(bad) in message
-    for name in BACKENDS:
+    for name in ALL_BACKENDS:
         assert name in message
 
 
@@ -170,3 +179,134 @@ def test_incompatible_shapes(backend, shapes):
     q, k, v = (torch.zeros(s) for s in shapes)
     with pytest.raises(ValueError, match="incompatible shapes"):
         attention(q, k, v, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backend selection: argument > use_attention_backend > set_attention_backend > LAYOUTGEN_ATTENTION_BACKEND > sdpa
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_backend_is_sdpa():
+    assert get_attention_backend() == "sdpa"
+
+
+def test_selection_precedence(monkeypatch):
+    monkeypatch.setenv(attention_module.ENV_VAR, "math")
+    assert get_attention_backend() == "math"
+    set_attention_backend("sdpa")
+    assert get_attention_backend() == "sdpa"
+    with use_attention_backend("math"):
+        assert get_attention_backend() == "math"
+        with use_attention_backend("xformers"):
+            assert get_attention_backend() == "xformers"
+        assert get_attention_backend() == "math"
+    assert get_attention_backend() == "sdpa"
+
+
+def test_selection_reaches_attention(monkeypatch):
+    calls = []
+    real = attention_module.attention_ref
+    monkeypatch.setattr(attention_module, "attention_ref", lambda *a: calls.append(1) or real(*a))
+    q, k, v = qkv(1, 2, 4, 4, 8, 8, seed=110)
+    attention(q, k, v)
+    assert not calls
+    with use_attention_backend("math"):
+        attention(q, k, v)
+        attention(q, k, v, backend="sdpa")   # the argument wins
+    assert len(calls) == 1
+    monkeypatch.setenv(attention_module.ENV_VAR, "math")
+    attention(q, k, v)
+    assert len(calls) == 2
+
+
+def test_bad_names_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        set_attention_backend("flash")
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        use_attention_backend("flash").__enter__()
+    monkeypatch.setenv(attention_module.ENV_VAR, "flash")
+    with pytest.raises(ValueError, match=r"LAYOUTGEN_ATTENTION_BACKEND.*'flash'.*\['sdpa', 'xformers', 'math'\]"):
+        get_attention_backend()
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_xformers_asked_for_where_it_cannot_run_is_a_clear_error(monkeypatch, installed):
+    monkeypatch.setattr(attention_module, "XFORMERS_INSTALLED", installed)
+    q, k, v = qkv(1, 2, 4, 4, 8, 8, seed=120)
+    expected = "not installed" if not installed else "needs CUDA tensors"
+    with pytest.raises(RuntimeError, match=f"'xformers'.*{expected}"):
+        attention(q, k, v, backend="xformers")
+    with use_attention_backend("xformers"), pytest.raises(RuntimeError, match="'xformers'"):
+        attention(q, k, v)
+
+
+def test_xformers_absence_is_never_an_error_unless_asked(monkeypatch):
+    monkeypatch.setattr(attention_module, "XFORMERS_INSTALLED", False)
+    q, k, v = qkv(1, 2, 4, 4, 8, 8, seed=130)
+    for backend in [None, "sdpa", "math"]:
+        attention(q, k, v, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layouts: [B, C, H, W] <-> [B, heads, tokens, head_dim] <-> xformers' [B, tokens, heads, head_dim], as views
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_heads_view_and_merge_are_views(channels_last):
+    x = randn(2, 12, 5, 7, seed=140)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    heads = attention_module.heads_view(x, 3)
+    assert heads.shape == (2, 3, 35, 4)
+    assert heads._base is x
+    torch.testing.assert_close(heads[1, 2, 8], x[1, 8:12].flatten(1)[:, 8])
+    bmhk = attention_module.to_bmhk(heads)
+    assert bmhk.shape == (2, 35, 3, 4)
+    # channels_last maps are token-major already: no copy for xformers.
+    assert (bmhk.data_ptr() == x.data_ptr()) == channels_last
+    merged = attention_module.merge_heads(heads, 5, 7)
+    torch.testing.assert_close(merged, x, rtol=0, atol=0)
+    assert merged.data_ptr() == x.data_ptr()
+
+
+def test_block_layout_matches_heads_view():
+    """The AttentionBlock's own reshapes give what heads_view gives (one convention everywhere)."""
+    qkv_map = randn(2, 3 * 8, 3, 4, seed=150)
+    n, heads, hd = 2, 2, 4
+    q, k, v = qkv_map.reshape(n, 3, heads, hd, 12).permute(1, 0, 2, 4, 3).unbind(0)
+    for got, chunk in zip((q, k, v), qkv_map.chunk(3, dim=1)):
+        torch.testing.assert_close(got, attention_module.heads_view(chunk, heads), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA: every available backend (xformers where installed) against math, forward and backward, half precision
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cuda_backends():
+    return ["sdpa", "math"] + (["xformers"] if attention_module.xformers_available() else [])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 4, 256, 256, 64, 64), (1, 8, 1024, 1024, 32, 32), (2, 1, 64, 16, 40, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_backends_match_float64(shape, dtype):
+    q0, k0, v0 = (t.cuda() for t in qkv(*shape, seed=160, scale=1.5))
+    dy = randn(shape[0], shape[1], shape[2], shape[5], seed=161).cuda()
+    want_grads = None
+    qd, kd, vd = (t.double().requires_grad_(True) for t in (q0, k0, v0))
+    want = manual_attention(qd, kd, vd)
+    want_grads = torch.autograd.grad(want, (qd, kd, vd), dy.double())
+    for backend in _cuda_backends():
+        if backend == "xformers" and shape[4] != shape[5]:
+            continue
+        q, k, v = (t.to(dtype).requires_grad_(True) for t in (q0, k0, v0))
+        out = attention(q, k, v, backend=backend)
+        grads = torch.autograd.grad(out, (q, k, v), dy.to(dtype))
+        # Relative to each tensor's magnitude: about 4 bf16 / 16 fp16 units of rounding (fp32: TF32-free kernels).
+        tol = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+        for got, ref, name in zip((out,) + grads, (want,) + want_grads, ["out", "dq", "dk", "dv"]):
+            err = (got.double() - ref).abs().max().item()
+            assert err <= tol * ref.abs().max().item(), f"{backend} {name}: error {err:.3g}"

@@ -160,3 +160,69 @@ def test_train_requires_config(capsys):
         main(["train"])
     assert info.value.code == 2
     assert "--config" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# layoutgen data synth / layoutgen embed
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_data_synth_writes_a_deterministic_manifest(tmp_path, capsys):
+    import pandas as pd
+
+    for name in ("a", "b"):
+        assert main(["data", "synth", "--out", str(tmp_path / name), "--num", "6", "--size", "32", "--seed", "3"]) == 0
+    assert "wrote 6 layouts of 32x32" in capsys.readouterr().out
+    frame = pd.read_csv(tmp_path / "a" / "manifest.csv")
+    assert len(frame) == 6 and {"layout_path", "seg_path", "control_path", "type", "is_empty", "room_count"} <= set(
+        frame.columns)
+    for column in ("layout_path", "seg_path", "control_path"):
+        for rel in frame[column]:
+            assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert main(["data", "synth", "--out", str(tmp_path / "c"), "--num", "6", "--size", "32", "--seed", "4"]) == 0
+    assert (tmp_path / "c" / "images" / "00000.png").read_bytes() != (tmp_path / "a" / "images" / "00000.png").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num", "0"], "--num must be >= 1"),
+    (["--size", "8"], "--size must be >= 32"),
+    (["--empty-prob", "2"], "--empty-prob must be in [0, 1]"),
+])
+def test_data_synth_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args, message):
+    code = main(["data", "synth", "--out", str(tmp_path / "d"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_embed_command_and_resume(tmp_path, capsys):
+    from layoutgen.models.datasets import write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=5, size=32, seed=1)
+    Autoencoder.from_config(TINY["autoencoder"]).save_checkpoint(tmp_path / "ae.safetensors")
+    args = ["embed", "--autoencoder", str(tmp_path / "ae.safetensors"), "--manifest", str(manifest),
+            "--out", str(tmp_path / "lat"), "--batch-size", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "embedded 5 images (0 already done" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "embedded 0 images (5 already done" in capsys.readouterr().out
+    assert (tmp_path / "lat" / "manifest.csv").is_file()
+
+
+@pytest.mark.parametrize("which", ["autoencoder", "manifest", "checkpoint"])
+def test_embed_user_mistakes_exit_2_with_one_line(tmp_path, capsys, which):
+    from layoutgen.models.datasets import write_synthetic_dataset
+
+    manifest = write_synthetic_dataset(tmp_path / "data", num=2, size=32)
+    checkpoint = tmp_path / "ae.safetensors"
+    Autoencoder.from_config(TINY["autoencoder"]).save_checkpoint(checkpoint)
+    if which == "autoencoder":
+        checkpoint = tmp_path / "missing.safetensors"
+    elif which == "manifest":
+        manifest = tmp_path / "missing.csv"
+    else:
+        checkpoint.write_bytes(b"not a checkpoint at all")
+    code = main(["embed", "--autoencoder", str(checkpoint), "--manifest", str(manifest), "--out",
+                 str(tmp_path / "lat"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert ("missing" in err) if which != "checkpoint" else ("checkpoint" in err or "safetensors" in err)

@@ -1,13 +1,20 @@
-"""Tests for layoutgen.kernels.group_norm_silu (the PyTorch reference path): values and gradients against a float64
-hand-written GroupNorm + SiLU, memory formats, nn.GroupNorm state-dict compatibility and argument errors."""
+"""Tests for layoutgen.kernels.group_norm_silu: the reference path and the Triton kernels (on the CPU in Triton's
+interpreter, on CUDA compiled), values and every gradient against a float64 hand-written GroupNorm + SiLU by the
+tolerance policy of DESIGN.md, memory formats, nn.GroupNorm state-dict compatibility, dispatch, torch.library
+(opcheck, torch.compile with fullgraph=True) and argument errors."""
 
 from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from layoutgen.kernels import GroupNormSiLU, group_norm_silu, group_norm_silu_ref
+from layoutgen.kernels import GroupNormSiLU, backend, group_norm_silu, group_norm_silu_ref, use_backend
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,3 +242,450 @@ def test_bad_activation(bad):
 def test_bad_rank():
     with pytest.raises(ValueError, match=r"\(8,\)"):
         group_norm_silu(randn(8, seed=31), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Triton kernels: on the CPU under TRITON_INTERPRET=1 (set by conftest.py), on CUDA compiled. Every CUDA test has
+# a CPU counterpart (the `device` fixture); shapes stay small for the interpreter.
+# ---------------------------------------------------------------------------------------------------------------------
+
+gns_module = importlib.import_module("layoutgen.kernels.group_norm_silu")
+
+# Tolerance policy (DESIGN.md): error against float64 <= 2 x eager PyTorch's error in the same dtype + a small atol
+# (relative to the reference's magnitude, so that dweight / dbias, sums over many elements, get the same rule).
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _triton_skip_reason(device: str) -> str | None:
+    if not backend.TRITON_INSTALLED:
+        return "triton is not installed"
+    if device == "cpu":
+        triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+        if not triton_impl.INTERPRETED:
+            return "the Triton kernels were compiled for a GPU (TRITON_INTERPRET is not 1); the CUDA tests cover them"
+    return None
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Runs the test with the 'triton' backend on this device (skipped where the kernels cannot run)."""
+    reason = _triton_skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture
+def triton_cpu():
+    reason = _triton_skip_reason("cpu")
+    if reason:
+        pytest.skip(reason)
+
+
+def check_policy(got: torch.Tensor, eager: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    assert got.shape == want.shape, name
+    err = (got.detach().double().cpu() - want).abs().max().item()
+    base = (eager.detach().double().cpu() - want).abs().max().item()
+    atol = ATOL[dtype] * max(1.0, want.abs().max().item())
+    assert err <= 2 * base + atol, f"{name}: error {err:.3g} > 2 x eager's {base:.3g} + atol {atol:.3g}"
+
+
+def compare_with_float64(shape, groups, dtype=torch.float32, device="cpu", channels_last=False, affine=True,
+                         activation="silu", seed=0, param_dtype=None, eps=1e-6):
+    """Runs the triton backend, eager PyTorch in `dtype` and float64; checks y and every gradient by the policy."""
+    c = shape[1]
+    param_dtype = dtype if param_dtype is None else param_dtype
+    x0 = (randn(*shape, seed=seed) * 3 + 1.5).to(dtype)  # rounded to dtype: the float64 reference sees the same x
+    w0 = (randn(c, seed=seed + 1) * 0.5 + 1).to(param_dtype) if affine else None
+    b0 = randn(c, seed=seed + 2).to(param_dtype) if affine else None
+    dy0 = randn(*shape, seed=seed + 3).to(dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    results = {}
+    for name, run_dtype in [("ours", None), ("eager", None), ("float64", torch.float64)]:
+        x = x0.to(device=device, dtype=run_dtype or dtype).contiguous(memory_format=fmt).requires_grad_(True)
+        params = [p.to(device=device, dtype=run_dtype or p.dtype).requires_grad_(True) for p in (w0, b0)
+                  if p is not None]
+        w, b = (params + [None, None])[:2]
+        dy = dy0.to(device=device, dtype=run_dtype or dtype)
+        if name == "float64":
+            y = manual_group_norm_silu(x, groups, w, b, eps, activation)
+        else:
+            with use_backend("triton" if name == "ours" else "reference"):
+                y = group_norm_silu(x, groups, w, b, eps, activation)
+        grads = torch.autograd.grad(y, [x] + params, dy)
+        results[name] = (y, x, grads)
+    y, x, grads = results["ours"]
+    assert y.dtype == dtype and y.device.type == device
+    assert y.is_contiguous(memory_format=fmt)
+    assert grads[0].is_contiguous(memory_format=fmt)
+    for i, what in enumerate(["y", "dx", "dweight", "dbias"][:1 + len(grads)]):
+        got = y if i == 0 else grads[i - 1]
+        eager = results["eager"][0] if i == 0 else results["eager"][2][i - 1]
+        want = results["float64"][0] if i == 0 else results["float64"][2][i - 1]
+        if i >= 2:
+            assert got.dtype == param_dtype, what
+        check_policy(got, eager, want.detach().cpu(), dtype, what)
+
+
+TRITON_CASES = [
+    # (shape, groups)
+    ((2, 16, 8, 8), 4),
+    ((1, 40, 7, 9), 8),     # C=40 with 8 groups (5 channels a group), 7x9 spatial, batch 1
+    ((3, 8, 5, 1), 8),      # one channel per group
+    ((1, 16, 48, 48), 4),   # a group too large for registers: the chunked path, S=2304 > any BLOCK_S
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,groups", TRITON_CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple)
+                         else str(v))
+def test_triton_forward_and_gradients(device, shape, groups, dtype, channels_last):
+    compare_with_float64(shape, groups, dtype, device, channels_last, seed=sum(shape) + groups)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 16, 11), 4), ((1, 24, 3, 4, 5), 6)], ids=["1d", "3d"])
+def test_triton_other_spatial_ranks(device, shape, groups):
+    compare_with_float64(shape, groups, torch.float32, device, seed=5)
+
+
+@pytest.fixture(params=["single", "chunked"])
+def path(request, monkeypatch):
+    """Forces the launchers' single-pass or chunked path (several chunks, the last one partial)."""
+    if request.param == "chunked":
+        triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+        monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)
+        monkeypatch.setattr(triton_impl, "MIN_CHUNK_ELEMS", 1)
+        monkeypatch.setattr(triton_impl, "CPU_TARGET_PROGRAMS", 24)
+        monkeypatch.setattr(triton_impl, "TARGET_PROGRAMS_PER_SM", 64)
+    return request.param
+
+
+@pytest.mark.parametrize("affine,activation,channels_last", [(True, "silu", False), (False, "silu", True),
+                                                              (True, None, True), (False, None, False)],
+                         ids=["affine-silu-nchw", "silu-nhwc", "affine-nhwc", "plain-nchw"])
+def test_triton_affine_activation_paths(device, path, affine, activation, channels_last):
+    compare_with_float64((1, 40, 7, 9), 8, torch.float32, device, channels_last, affine, activation, seed=11)
+
+
+def test_triton_plan(triton_cpu):
+    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+    cpu = torch.device("cpu")
+    assert triton_impl._plan(2, 4, 4, 64, cpu)[0] == "single"
+    kind, chunk_s, k = triton_impl._plan(1, 2, 4, 2304, cpu)
+    assert kind == "chunked" and k > 1 and chunk_s * (k - 1) < 2304 <= chunk_s * k
+    assert triton_impl._flags(None, None, True, 32, 2 ** 26)["INDEX_64"] is True
+    assert triton_impl._flags(None, None, True, 32, 2 ** 26 - 1)["INDEX_64"] is False
+
+
+def test_triton_float16(device):
+    compare_with_float64((2, 16, 6, 5), 4, torch.float16, device, seed=21)
+
+
+def test_triton_float32_params_with_bfloat16_input(device):
+    """AMP-style: a bf16 activation with the module's fp32 weight and bias; grads come back in each one's dtype."""
+    compare_with_float64((2, 16, 6, 5), 4, torch.bfloat16, device, param_dtype=torch.float32, seed=22)
+
+
+def test_triton_64bit_indexing_path(device, monkeypatch):
+    """INDEX_64 (taken when C * S >= 2**31) computes the same values as the 32-bit offsets, on both paths."""
+    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+    x = randn(2, 16, 6, 5, seed=23).to(device)
+    w, b = randn(16, seed=24).to(device), randn(16, seed=25).to(device)
+    with use_backend("triton"):
+        expected = group_norm_silu(x, 4, w, b)
+        flags = triton_impl._flags
+        monkeypatch.setattr(triton_impl, "_flags", lambda *a: dict(flags(*a), INDEX_64=True))
+        torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=0, atol=0)
+        monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)
+        torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_non_dense_input_and_expanded_grad(device):
+    """A sliced (non-dense) input is copied once; the all-stride-0 gradient of .sum() works as is."""
+    base = randn(2, 32, 6, 5, seed=26).to(device)
+    x = base[:, ::2].clone().requires_grad_(True)
+    x_view = base[:, ::2].requires_grad_(False)
+    assert not x_view.is_contiguous()
+    w = randn(16, seed=27).to(device).requires_grad_(True)
+    with use_backend("triton"):
+        torch.testing.assert_close(group_norm_silu(x_view, 4, w.detach()), group_norm_silu_ref(x_view, 4, w.detach()),
+                                   rtol=1e-5, atol=1e-5)
+        group_norm_silu(x, 4, w).sum().backward()
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    group_norm_silu_ref(xr, 4, wr).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_empty_batch(device):
+    x = torch.zeros(0, 16, 5, 5, device=device, requires_grad=True)
+    w = torch.ones(16, device=device, requires_grad=True)
+    b = torch.zeros(16, device=device, requires_grad=True)
+    with use_backend("triton"):
+        y = group_norm_silu(x, 4, w, b)
+        assert y.shape == x.shape
+        y.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(w.grad, torch.zeros_like(w))
+    torch.testing.assert_close(b.grad, torch.zeros_like(b))
+
+
+def test_triton_gradients_are_deterministic(device, path):
+    x = randn(2, 40, 7, 9, seed=28).to(device).requires_grad_(True)
+    w = randn(40, seed=29).to(device).requires_grad_(True)
+    b = randn(40, seed=30).to(device).requires_grad_(True)
+    dy = randn(2, 40, 7, 9, seed=31).to(device)
+    with use_backend("triton"):
+        first = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x, w, b), dy)
+        second = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x, w, b), dy)
+    for a, b_ in zip(first, second):
+        assert torch.equal(a, b_)
+
+
+def test_triton_module_and_state_dict(device):
+    gn = nn.GroupNorm(8, 40, eps=1e-6).to(device)
+    with torch.no_grad():
+        gn.weight.copy_(randn(40, seed=32))
+        gn.bias.copy_(randn(40, seed=33))
+    module = GroupNormSiLU(8, 40, eps=1e-6).to(device)
+    module.load_state_dict(gn.state_dict())
+    x = randn(2, 40, 7, 9, seed=34).to(device)
+    with use_backend("triton"):
+        torch.testing.assert_close(module(x), nn.SiLU()(gn(x)), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatch: one place (layoutgen.kernels.backend.use_triton)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_auto_backend_uses_reference_on_cpu(monkeypatch):
+    def refuse():
+        raise AssertionError("the Triton kernels ran")
+    monkeypatch.setattr(gns_module, "_triton_impl", refuse)
+    x = randn(2, 16, 4, 4, seed=35)
+    for name in ("auto", "reference"):
+        with use_backend(name):
+            torch.testing.assert_close(group_norm_silu(x, 4), group_norm_silu_ref(x, 4), rtol=0, atol=0)
+
+
+def test_triton_backend_runs_the_kernels(triton_cpu, monkeypatch):
+    calls = []
+    real = gns_module._triton_impl
+    monkeypatch.setattr(gns_module, "_triton_impl", lambda: calls.append(1) or real())
+    with use_backend("triton"):
+        group_norm_silu(randn(2, 16, 4, 4, seed=36), 4)
+        # float64 keeps the reference (float32 statistics would lose its precision).
+        group_norm_silu(randn(2, 16, 4, 4, seed=36, dtype=torch.float64), 4)
+    assert len(calls) == 1
+
+
+def test_triton_float64_takes_the_reference_and_passes_gradcheck():
+    x = randn(1, 8, 3, 3, seed=37, dtype=torch.float64).requires_grad_(True)
+    w = randn(8, seed=38, dtype=torch.float64).requires_grad_(True)
+    with use_backend("triton"):
+        assert torch.autograd.gradcheck(lambda x, w: group_norm_silu(x, 4, w), (x, w))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    if not backend.TRITON_INSTALLED:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch\nfrom layoutgen.kernels import group_norm_silu, use_backend\n"
+            "with use_backend('triton'):\n    group_norm_silu(torch.randn(1, 8, 4, 4), 4)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "RuntimeError" in proc.stderr and "TRITON_INTERPRET=1" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton's interpreter (which runs the CPU tests) accepts code its compiler refuses: compile every kernel for an
+    H100 (sm_90) in representative specialisations, in a process without TRITON_INTERPRET."""
+    if not backend.TRITON_INSTALLED:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "layoutgen.kernels.group_norm_silu_triton"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 28 GroupNorm+SiLU kernels for sm_90" in proc.stdout
+
+
+@pytest.mark.parametrize("bad_name,shape", [("weight", (8,)), ("bias", (16, 1))])
+def test_bad_parameter_shapes(bad_name, shape):
+    x = randn(1, 16, 3, 3, seed=39)
+    kwargs = {bad_name: torch.ones(shape)}
+    with pytest.raises(ValueError, match=rf"{bad_name} must be a float tensor \[C\] with C=16"):
+        group_norm_silu(x, 4, **kwargs)
+
+
+def test_integer_input_is_refused():
+    with pytest.raises(ValueError, match="floating-point"):
+        group_norm_silu(torch.ones(1, 8, 3, 3, dtype=torch.int64), 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library: opcheck and torch.compile(fullgraph=True)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["affine_silu", "plain_nhwc"])
+def test_opcheck(device, variant):
+    x = randn(2, 16, 5, 6, seed=40).to(device)
+    if variant == "plain_nhwc":
+        x = x.to(memory_format=torch.channels_last)
+        w = b = None
+        silu = False
+    else:
+        w, b, silu = randn(16, seed=41).to(device), randn(16, seed=42).to(device), True
+    fwd_args = (x.requires_grad_(True), None if w is None else w.requires_grad_(True),
+                None if b is None else b.requires_grad_(True), 4, 1e-5, silu)
+    torch.library.opcheck(torch.ops.layoutgen.group_norm_silu_fwd.default, fwd_args)
+    _, mean, rstd = torch.ops.layoutgen.group_norm_silu_fwd(x.detach(), w, b, 4, 1e-5, silu)
+    dy = randn(2, 16, 5, 6, seed=43).to(device)
+    torch.library.opcheck(torch.ops.layoutgen.group_norm_silu_bwd.default,
+                          (dy, x.detach(), None if w is None else w.detach(), None if b is None else b.detach(),
+                           mean, rstd, 4, silu))
+
+
+def _project_blocks():
+    from layoutgen.models.components.blocks import AttentionBlock, ResNetBlock
+    from layoutgen.models.encoder import Encoder
+    torch.manual_seed(0)
+    return {
+        "resnet": (ResNetBlock(16, 32, time_dim=8, norm_groups=4), (randn(2, 16, 6, 6, seed=44), randn(2, 8, seed=45))),
+        "attention": (AttentionBlock(16, num_heads=2, norm_groups=4), (randn(2, 16, 5, 5, seed=46),)),
+        "encoder": (Encoder(in_channels=3, latent_channels=4, base_channels=8, downsampling_steps=1, norm_groups=4),
+                    (randn(1, 3, 8, 8, seed=47),)),
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet", "attention", "encoder"])
+@pytest.mark.parametrize("kernel_backend", ["reference", "triton"])
+def test_blocks_trace_without_graph_breaks(name, kernel_backend):
+    if kernel_backend == "triton" and _triton_skip_reason("cpu"):
+        pytest.skip(_triton_skip_reason("cpu"))
+    torch._dynamo.reset()
+    model, inputs = _project_blocks()[name]
+    with use_backend(kernel_backend):
+        explanation = torch._dynamo.explain(model)(*inputs)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["resnet", "attention"])
+def test_blocks_compile_fullgraph_with_triton(triton_cpu, name):
+    """fullgraph=True through dynamo and AOT autograd (fake tensors, register_autograd): forward and backward agree
+    with eager. (aot_eager: inductor's C++ compile of whole blocks is too slow for a 2-core CI machine; the test
+    below runs inductor on the op itself.)"""
+    torch._dynamo.reset()
+    model, inputs = _project_blocks()[name]
+    with use_backend("triton"):
+        eager_out = model(*inputs)
+        eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(*inputs)
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_backend", ["reference", "triton"])
+def test_module_compiles_with_inductor(kernel_backend):
+    if kernel_backend == "triton" and _triton_skip_reason("cpu"):
+        pytest.skip(_triton_skip_reason("cpu"))
+    torch._dynamo.reset()
+    module = GroupNormSiLU(4, 16)
+    x = randn(2, 16, 5, 6, seed=48).requires_grad_(True)
+    with use_backend(kernel_backend):
+        compiled = torch.compile(module, fullgraph=True)
+        y = compiled(x)
+        (dx,) = torch.autograd.grad(y.square().sum(), (x,))
+    xr = x.detach().clone().requires_grad_(True)
+    yr = group_norm_silu_ref(xr, 4, module.weight, module.bias)
+    (dxr,) = torch.autograd.grad(yr.square().sum(), (xr,))
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dxr, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_auto_backend_runs_the_kernels(monkeypatch):
+    """The CUDA counterpart of test_auto_backend_uses_reference_on_cpu: auto means Triton on CUDA tensors."""
+    if _triton_skip_reason("cuda"):
+        pytest.skip(_triton_skip_reason("cuda"))
+    calls = []
+    real = gns_module._triton_impl
+    monkeypatch.setattr(gns_module, "_triton_impl", lambda: calls.append(1) or real())
+    with use_backend("auto"):
+        GroupNormSiLU(4, 16).cuda()(randn(2, 16, 4, 4, seed=51).cuda())
+    assert calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["resnet", "attention", "encoder"])
+def test_cuda_blocks_compile_fullgraph(name):
+    """Inductor with fullgraph=True over the project's blocks on CUDA (auto: the Triton op), against eager."""
+    if _triton_skip_reason("cuda"):
+        pytest.skip(_triton_skip_reason("cuda"))
+    torch._dynamo.reset()
+    model, inputs = _project_blocks()[name]
+    model = model.cuda()
+    inputs = tuple(t.cuda() for t in inputs)
+    with use_backend("auto"):
+        explanation = torch._dynamo.explain(model)(*inputs)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        out = model(*inputs)
+        out = out["latent"] if isinstance(out, dict) else out
+        eager_grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True)
+        got = compiled(*inputs)
+        got = got["latent"] if isinstance(got, dict) else got
+        grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    # cuDNN may pick other (TF32) convolution algorithms inside the compiled graph: loose, this checks compilation.
+    torch.testing.assert_close(got, out, rtol=2e-3, atol=2e-3)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-2 * max(1.0, e.abs().max().item()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA only: seed-like shapes, autotuning, 64-bit offsets (their CPU counterparts are the small-shape tests above)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(4, 32, 128, 128), (16, 256, 32, 32), (64, 512, 4, 4), (2, 64, 97, 61)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_seed_shapes(shape, dtype, channels_last):
+    if _triton_skip_reason("cuda"):
+        pytest.skip(_triton_skip_reason("cuda"))
+    compare_with_float64(shape, 8, dtype, "cuda", channels_last, seed=49)
+
+
+@pytest.mark.cuda
+def test_cuda_autotuned_path(monkeypatch):
+    if _triton_skip_reason("cuda"):
+        pytest.skip(_triton_skip_reason("cuda"))
+    monkeypatch.setenv("LAYOUTGEN_TRITON_AUTOTUNE", "1")
+    for shape in [(2, 32, 64, 64), (8, 64, 8, 8)]:
+        compare_with_float64(shape, 8, torch.bfloat16, "cuda", seed=50)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_more_than_2_31_elements():
+    """A bf16 input of 2**31 + 2**24 elements (4.3 GB): offsets past int32 in the last sample."""
+    if _triton_skip_reason("cuda"):
+        pytest.skip(_triton_skip_reason("cuda"))
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs 40 GB of GPU memory")
+    x = torch.randn(129, 64, 512, 512, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2 ** 31
+    with use_backend("triton"):
+        y = group_norm_silu(x, 8)
+    tail = x[-2:].float()
+    torch.testing.assert_close(y[-2:].float(), group_norm_silu_ref(tail, 8), rtol=2e-2, atol=2e-2)
+
+
