@@ -24,3 +24,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(request):
+    """One intra-op thread per test module: the tensors in tests are tiny, and on a busy 2-core machine OpenMP
+    threads spin-waiting on each other made them up to 40x slower. A module sets USE_ALL_THREADS = True to opt out."""
+    if getattr(request.module, "USE_ALL_THREADS", False):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

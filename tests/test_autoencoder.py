@@ -51,15 +51,6 @@ def small_config(variational: bool = False, steps: int = 2) -> dict:
 HEAD_NAMES = {"rgb", "segmentation", "classification"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are small: one intra-op thread is faster, and avoids OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -21,15 +21,6 @@ TINY_ENC = {"base_channels": 8, "downsampling_steps": 2, "latent_channels": 4, "
 TINY_DEC = {"base_channels": 8, "upsampling_steps": 2, "latent_channels": 4, "norm_groups": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: intra-op threads only add overhead (seconds per forward pass on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @dataclasses.dataclass
 class MlpTestConfig(Config):
     section = "mlp"

@@ -32,15 +32,6 @@ TINY_AE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The models are tiny: intra-op threads only add overhead (seconds per forward pass on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_autoencoder(seed: int = 0, variational: bool = False) -> Autoencoder:
     torch.manual_seed(seed)
     encoder = {**TINY_AE["encoder"], "variational": variational}

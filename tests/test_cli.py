@@ -37,14 +37,6 @@ QUICKSTART_TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def tiny_config(tmp_path):
     path = tmp_path / "tiny.yaml"

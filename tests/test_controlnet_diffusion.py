@@ -14,14 +14,6 @@ UNET = dict(in_channels=4, base_channels=16, depth=2, num_res_blocks=1, time_dim
 CONTROL = dict(control_channels=1, downsampling_factor=4, hint_channels=[8, 16])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_base() -> DiffusionModel:
     torch.manual_seed(0)
     base = DiffusionModel(unet=UNET, scheduler={"type": "CosineScheduler", "num_steps": 50}, latent_size=[8, 8],

@@ -11,14 +11,6 @@ from layoutgen.models.diffusion import DiffusionModel, min_snr_weights
 UNET = dict(in_channels=4, base_channels=16, depth=2, num_res_blocks=1, time_dim=32, norm_groups=4, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_model(**overrides) -> DiffusionModel:
     config = dict(unet=dict(UNET), scheduler={"type": "CosineScheduler", "num_steps": 50}, latent_size=[8, 8],
                   sample_steps=5)

@@ -13,15 +13,6 @@ from layoutgen.models.encoder import LOGVAR_MAX, LOGVAR_MIN, Encoder
 SMALL = {"latent_channels": 4, "base_channels": 8, "norm_groups": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and avoids OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

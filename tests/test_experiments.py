@@ -23,14 +23,6 @@ SEED_DOC_CANDIDATES = [root / "shared" / "seed" / "models-module.md" for root in
 CHECK_SIZE = 64  # small enough for a CPU forward pass of the 512x512 configs' models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def quickstart_path():
     with resources.as_file(QUICKSTART) as path:

@@ -17,15 +17,6 @@ from torch import nn
 from layoutgen.kernels import GroupNormSiLU, backend, group_norm_silu, group_norm_silu_ref, use_backend
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and avoids OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -7,14 +7,6 @@ import torch
 from layoutgen import metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _one_hot_logits(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Class indices [N, ...] -> logits [N, K, ...] whose arg-max is `classes`."""
     logits = torch.nn.functional.one_hot(classes, num_classes).float()

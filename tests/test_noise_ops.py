@@ -17,15 +17,6 @@ from layoutgen.kernels import (add_noise, add_noise_ref, ddim_step, ddim_step_re
                                get_backend, noise_ops_status, use_backend, velocity, velocity_ref)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and avoids OpenMP spin-waits on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True, params=["auto", "reference"], ids=["compiled", "reference"])
 def backend(request):
     """Every test runs on the compiled ops ("auto") and on the references; "auto" must really be compiled here."""

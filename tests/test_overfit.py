@@ -18,15 +18,6 @@ LOSSES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny convolutions on a busy 2-core machine run far faster single-threaded.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _model(variational: bool) -> Autoencoder:
     codec = dict(latent_channels=4, base_channels=16, norm_groups=4, channel_multipliers=[1, 2, 2], mid_attention=True)
     return Autoencoder(encoder=dict(downsampling_steps=2, variational=variational, **codec),

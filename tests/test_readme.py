@@ -17,6 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 
 
+# The README builds the seed-size autoencoder at 256x256: all threads help there.
+USE_ALL_THREADS = True
+
+
 def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 

@@ -14,14 +14,6 @@ from layoutgen.models.components.scheduler import (SCHEDULER_REGISTRY, CosineSch
                                                    NoiseScheduler, QuadraticScheduler, build_scheduler)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 

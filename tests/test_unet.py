@@ -8,14 +8,6 @@ from layoutgen.models.components.blocks import AttentionBlock
 from layoutgen.models.components.unet import UNet, UNetConfig, timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small_unet(**overrides) -> UNet:
     cfg = dict(in_channels=4, base_channels=16, depth=3, num_res_blocks=1, time_dim=32, norm_groups=4, num_heads=2)
     cfg.update(overrides)
