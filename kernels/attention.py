@@ -21,19 +21,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
-import threading
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from layoutgen.kernels.backend import Switch
 
 BACKENDS = ("sdpa", "xformers", "math")
 DEFAULT_BACKEND = "sdpa"
 ENV_VAR = "LAYOUTGEN_ATTENTION_BACKEND"
 
-_state = threading.local()
-_process_default: str | None = None
 # Checked once, without importing xformers (whose import is slow and needs a CUDA build of torch).
 XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
 
@@ -42,40 +39,22 @@ XFORMERS_INSTALLED = importlib.util.find_spec("xformers") is not None
 # Backend selection (same mechanism as layoutgen.kernels.backend)
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _check_name(name: object, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown attention backend {name!r}; choose one of {list(BACKENDS)}")
-    return name
+attention_backend = Switch("attention", BACKENDS, DEFAULT_BACKEND, ENV_VAR)
 
 
 def get_attention_backend() -> str:
     """The innermost use_attention_backend block, else set_attention_backend's, else the environment, else sdpa."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        return stack[-1]
-    if _process_default is not None:
-        return _process_default
-    return _check_name(os.environ.get(ENV_VAR, DEFAULT_BACKEND), f"environment variable {ENV_VAR}")
+    return attention_backend.get()
 
 
 def set_attention_backend(name: str) -> None:
     """Sets the attention backend for the whole process (use_attention_backend blocks still take precedence)."""
-    global _process_default
-    _process_default = _check_name(name, "set_attention_backend")
+    attention_backend.set(name, "set_attention_backend")
 
 
-@contextlib.contextmanager
-def use_attention_backend(name: str) -> Iterator[str]:
+def use_attention_backend(name: str) -> contextlib.AbstractContextManager[str]:
     """Uses attention backend `name` inside the block, in this thread."""
-    _check_name(name, "use_attention_backend")
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
-    try:
-        yield name
-    finally:
-        stack.pop()
+    return attention_backend.use(name, "use_attention_backend")
 
 
 def xformers_available() -> bool:
@@ -147,7 +126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str | 
 
     backend: "sdpa", "xformers" or "math"; None takes get_attention_backend() (default "sdpa").
     """
-    backend = get_attention_backend() if backend is None else _check_name(backend, "attention")
+    backend = get_attention_backend() if backend is None else attention_backend.check(backend, "attention")
     _check_qkv(q, k, v)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)

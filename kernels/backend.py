@@ -28,47 +28,65 @@ import torch
 BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "LAYOUTGEN_KERNEL_BACKEND"
 
-_state = threading.local()
-_process_default: str | None = None
 # Triton ships for Linux x86_64 only; checked without importing it (importing triton reads TRITON_INTERPRET).
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown kernel backend {name!r}; choose one of {list(BACKENDS)}")
-    return name
+class Switch:
+    """A named choice made in one place: the innermost `use` block (per thread), else `set` (the process), else an
+    environment variable, else a default. The kernel backend and the attention backend are two of these."""
+
+    def __init__(self, kind: str, choices: tuple[str, ...], default: str, env_var: str) -> None:
+        self.kind, self.choices, self.default, self.env_var = kind, choices, default, env_var
+        self.process_default: str | None = None
+        self._local = threading.local()
+
+    def check(self, name: object, source: str) -> str:
+        if name not in self.choices:
+            raise ValueError(f"{source}: unknown {self.kind} backend {name!r}; choose one of {list(self.choices)}")
+        return name
+
+    def get(self) -> str:
+        stack = getattr(self._local, "stack", None)
+        if stack:
+            return stack[-1]
+        if self.process_default is not None:
+            return self.process_default
+        return self.check(os.environ.get(self.env_var, self.default), f"environment variable {self.env_var}")
+
+    def set(self, name: str, source: str) -> None:
+        self.process_default = self.check(name, source)
+
+    @contextlib.contextmanager
+    def use(self, name: str, source: str) -> Iterator[str]:
+        self.check(name, source)
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        stack.append(name)
+        try:
+            yield name
+        finally:
+            stack.pop()
+
+
+kernel_backend = Switch("kernel", BACKENDS, "auto", ENV_VAR)
 
 
 def get_backend() -> str:
     """The active backend: the innermost use_backend block, else set_backend's, else the environment, else auto."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        return stack[-1]
-    if _process_default is not None:
-        return _process_default
-    return _check(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+    return kernel_backend.get()
 
 
 def set_backend(name: str) -> None:
     """Sets the backend for the whole process (use_backend blocks still take precedence)."""
-    global _process_default
-    _process_default = _check(name, "set_backend")
+    kernel_backend.set(name, "set_backend")
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
+def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     """Uses `name` inside the block, in this thread."""
-    _check(name, "use_backend")
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
-    try:
-        yield name
-    finally:
-        stack.pop()
+    return kernel_backend.use(name, "use_backend")
 
 
 def use_triton(x: torch.Tensor) -> bool:

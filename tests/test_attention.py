@@ -22,7 +22,7 @@ BACKENDS = ["sdpa", "math"]
 @pytest.fixture(autouse=True)
 def _clean_attention_backend(monkeypatch):
     monkeypatch.delenv(attention_module.ENV_VAR, raising=False)
-    monkeypatch.setattr(attention_module, "_process_default", None)
+    monkeypatch.setattr(attention_module.attention_backend, "process_default", None)
 
 
 def gen(seed: int) -> torch.Generator:

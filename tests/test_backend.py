@@ -8,7 +8,7 @@ from layoutgen.kernels import backend
 @pytest.fixture(autouse=True)
 def _clean(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
-    monkeypatch.setattr(backend, "_process_default", None)
+    monkeypatch.setattr(backend.kernel_backend, "process_default", None)
 
 
 def test_default_is_auto():
