@@ -156,6 +156,16 @@ def _check_timesteps(op: str, name: str, t: object, n: int, low: int | None, hig
     return values
 
 
+def _check_noise_args(op: str, x0: object, noise: object, t: object, sqrt_alphas_cumprod: object,
+                      sqrt_one_minus_alphas_cumprod: object) -> None:
+    """The checks add_noise and velocity share: x0 and noise alike, two tables of one length, t in range."""
+    x0 = _check_tensor(op, "x0", x0)
+    _check_same_shape(op, "noise", noise, "x0", x0)
+    sqrt_alphas_cumprod = _check_table(op, "sqrt_alphas_cumprod", sqrt_alphas_cumprod)
+    _check_table(op, "sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod, sqrt_alphas_cumprod.numel())
+    _check_timesteps(op, "t", t, x0.shape[0], 0, sqrt_alphas_cumprod.numel(), "x0")
+
+
 def _check_choice(op: str, name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
@@ -485,12 +495,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor, sqrt
     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: [T]. Returns x_t: [N, ...] in x0's dtype. Differentiable in x0
     and noise.
     """
-    op = "add_noise"
-    _check_tensor(op, "x0", x0)
-    _check_same_shape(op, "noise", noise, "x0", x0)
-    _check_table(op, "sqrt_alphas_cumprod", sqrt_alphas_cumprod)
-    _check_table(op, "sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod, sqrt_alphas_cumprod.numel())
-    _check_timesteps(op, "t", t, x0.shape[0], 0, sqrt_alphas_cumprod.numel(), "x0")
+    _check_noise_args("add_noise", x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     if _use_compiled(x0, noise):
         a, b = _op_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, x0.device)
         return torch.ops.layoutgen.add_noise(x0, noise, _per_sample(t, x0.shape[0], x0.device), a, b)
@@ -516,12 +521,7 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor, sqrt_
     x0, noise: [N, ...] (same shape); t: int64 [N] (or an int / 0-d tensor) in [0, T); tables: [T].
     Returns v: [N, ...] in x0's dtype. Differentiable in x0 and noise.
     """
-    op = "velocity"
-    _check_tensor(op, "x0", x0)
-    _check_same_shape(op, "noise", noise, "x0", x0)
-    _check_table(op, "sqrt_alphas_cumprod", sqrt_alphas_cumprod)
-    _check_table(op, "sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod, sqrt_alphas_cumprod.numel())
-    _check_timesteps(op, "t", t, x0.shape[0], 0, sqrt_alphas_cumprod.numel(), "x0")
+    _check_noise_args("velocity", x0, noise, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod)
     if _use_compiled(x0, noise):
         a, b = _op_tables(sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, x0.device)
         return torch.ops.layoutgen.velocity(x0, noise, _per_sample(t, x0.shape[0], x0.device), a, b)
