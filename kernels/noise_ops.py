@@ -34,18 +34,16 @@ The fused-noise add_noise_philox draws the noise itself with Philox4x32-10 (Salm
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import numbers
-import os
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 
 from layoutgen.kernels.backend import get_backend
+from layoutgen.kernels.noise_ops_build import (CACHE_ENV, CSRC_ENV, EXTENSION_ENV, NoiseOpsStatus, _mode,
+                                               _ops_registered, _try_jit, _try_prebuilt)
 
 PREDICTION_TYPES = ("epsilon", "v", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -184,121 +182,16 @@ def _check_real(op: str, name: str, value: object, low: float, high: float | Non
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The compiled extension: where it comes from (prebuilt, JIT, none), its fake and autograd registrations, and when
-# the public functions use it.
+# The compiled extension (found or built by noise_ops_build.py): its status, its fake and autograd registrations,
+# and when the public functions use it.
 # ----------------------------------------------------------------------------------------------------------------------
 
-EXTENSION_ENV = "LAYOUTGEN_NOISE_OPS"   # auto | prebuilt | jit | off
-CACHE_ENV = "LAYOUTGEN_CACHE_DIR"       # where JIT builds go (default: ~/.cache/layoutgen)
-CSRC_ENV = "LAYOUTGEN_CSRC_DIR"         # the csrc/ folder for JIT builds (default: the repository's, beside kernels/)
-_MODES = ("auto", "prebuilt", "jit", "off")
-_OPS = ("add_noise", "velocity", "add_noise_philox", "ddpm_step", "ddim_step")
 _DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseOpsStatus:
-    """Which implementation the noise ops have: `path` is "prebuilt" (layoutgen._C from setup.py), "jit" (built on
-    first use), "reference" (PyTorch only) or "pending" (layoutgen._C absent, JIT build not tried yet); `reason` says
-    why; `devices` lists the devices with compiled kernels; `location` is the loaded library file, if any."""
-
-    path: str
-    reason: str
-    devices: tuple[str, ...] = ()
-    location: str | None = None
-
-    @property
-    def compiled(self) -> bool:
-        return self.path in ("prebuilt", "jit")
-
-    def describe(self) -> str:
-        if self.compiled:
-            where = "layoutgen._C" if self.path == "prebuilt" else "JIT build"
-            return f"compiled ({where}; {', '.join(self.devices)})"
-        return self.path
-
 
 _lock = threading.RLock()
 _status: NoiseOpsStatus | None = None
 _jit_tried = False
 _warned = False
-
-
-def _mode() -> str:
-    mode = os.environ.get(EXTENSION_ENV, "auto").strip().lower() or "auto"
-    if mode not in _MODES:
-        warnings.warn(f"environment variable {EXTENSION_ENV}: unknown value {mode!r}, using 'auto'; choose one of "
-                      f"{list(_MODES)}", RuntimeWarning, stacklevel=2)
-        return "auto"
-    return mode
-
-
-def _ops_registered() -> bool:
-    return hasattr(torch.ops, "layoutgen") and all(hasattr(torch.ops.layoutgen, name) for name in _OPS)
-
-
-def _kernel_devices() -> tuple[str, ...]:
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    return tuple(d for d, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has("layoutgen::add_noise", key))
-
-
-def _csrc_dir() -> Path:
-    return Path(os.environ.get(CSRC_ENV) or Path(__file__).resolve().parent.parent / "csrc")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "layoutgen"
-    cuda = f"cu{torch.version.cuda}" if torch.version.cuda else "cpu"
-    tag = f"torch{torch.__version__.split('+')[0]}-{cuda}-py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / "noise_ops" / tag
-
-
-def _try_prebuilt() -> NoiseOpsStatus:
-    try:
-        module = importlib.import_module("layoutgen._C")
-    except Exception as error:  # noqa: BLE001 - not built (ImportError), built against another torch (undefined
-        # symbols), or its TORCH_LIBRARY refused (another library defined the namespace): say why, go on
-        return NoiseOpsStatus("pending", f"layoutgen._C is not importable ({type(error).__name__}: {error})")
-    if not _ops_registered():
-        return NoiseOpsStatus("pending", "layoutgen._C loaded but registered no torch.ops.layoutgen ops")
-    return NoiseOpsStatus("prebuilt", "layoutgen._C built by setup.py", _kernel_devices(),
-                          getattr(module, "__file__", None))
-
-
-def _try_jit() -> NoiseOpsStatus:
-    """Builds csrc/ with torch.utils.cpp_extension.load (ninja), CUDA sources too where torch has CUDA and nvcc."""
-    csrc = _csrc_dir()
-    sources = [csrc / "noise_ops.cpp"]
-    if not sources[0].is_file():
-        return NoiseOpsStatus("reference", f"no compiled extension: layoutgen._C is not built and the C++ sources are "
-                                           f"not at {csrc} for a JIT build")
-    from torch.utils import cpp_extension
-
-    if not cpp_extension.is_ninja_available():
-        return NoiseOpsStatus("reference", "no compiled extension: layoutgen._C is not built and a JIT build needs "
-                                           "ninja (pip install ninja)")
-    cuda_sources = sorted((csrc / "cuda").glob("*.cu"))
-    with_cuda = (bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-                 and os.environ.get("LAYOUTGEN_BUILD_CUDA", "1") not in ("", "0"))
-    openmp = sys.platform.startswith("linux")
-    build_dir = _cache_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        cpp_extension.load(
-            name="layoutgen_noise_ops", sources=[str(p) for p in sources + (cuda_sources if with_cuda else [])],
-            extra_include_paths=[str(csrc)], extra_cflags=["-O3"] + (["-fopenmp"] if openmp else []),
-            extra_ldflags=["-fopenmp"] if openmp else [], extra_cuda_cflags=["-O3", "-lineinfo"],
-            build_directory=str(build_dir), is_python_module=False, verbose=False)
-    except Exception as error:  # noqa: BLE001 - a compiler, linker or loader failure: fall back, say why
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        first_error = next((line for line in lines if " error:" in line or "#error" in line),  # a compiler diagnostic
-                           lines[-1] if lines else "")
-        return NoiseOpsStatus("reference", f"no compiled extension: layoutgen._C is not built and the JIT build in "
-                                           f"{build_dir} failed ({type(error).__name__}: {first_error[:300]})")
-    if not _ops_registered():
-        return NoiseOpsStatus("reference", "the JIT build loaded but registered no torch.ops.layoutgen ops")
-    return NoiseOpsStatus("jit", f"layoutgen._C is not built; built from {csrc} on first use, cached in {build_dir}",
-                          _kernel_devices(), str(build_dir))
 
 
 def _initial_status() -> NoiseOpsStatus:
