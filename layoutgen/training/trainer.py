@@ -1,0 +1,405 @@
+"""One trainer for the autoencoder, the latent diffusion model and the ControlNet.
+
+    trainer = Trainer(model, loss_fn, train_loader, val_loader, config={"epochs": 5, "ema_decay": 0.999},
+                      out_dir="runs/x")
+    summary = trainer.fit()                  # Trainer(..., resume=True).fit() continues from latest.safetensors
+
+One step function for every model kind: with a `loss_fn` the model is an autoencoder-like module trained on
+`loss_fn(model(batch["rgb"]), batch) -> (loss, logs)`; without one the model supplies
+`model.training_loss(batch, generator) -> (loss, logs)` (DiffusionModel, ControlNetDiffusion). The generator is
+re-seeded from (seed, micro-batch number) before each call, so its draws need no saving to resume exactly.
+
+AdamW on `model.trainable_parameters()` (frozen sub-models stay outside the optimizer; fused on CUDA), linear warmup
+then cosine decay, gradient clipping, gradient accumulation, AMP (bf16; fp16 with a GradScaler on CUDA only), EMA,
+non-finite loss/gradient steps skipped and counted (`max_nonfinite` in a row stop the run with a RuntimeError),
+validation each epoch (mean loss, plus the autoencoder's `evaluate` metrics) feeding the best checkpoint and early
+stopping, checkpoints through `CheckpointManager` (latest, best, every N steps), metrics.csv rewritten atomically at
+each log step, and a tqdm bar with the loss and samples/s.
+
+Resuming is exact: the training loader is rebuilt over an `EpochSampler` whose order depends only on (seed, epoch),
+and the checkpoint records how many batches of the current epoch were consumed, so a resumed run sees the same
+remaining batches. With EMA on, the checkpoint's model weights are the EMA weights (what one evaluates or samples
+with); the live weights travel inside the optimizer part (see `_OptimizerState`) so training continues from them.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from tqdm.auto import tqdm
+
+from layoutgen.config import option
+from layoutgen.training.autoencoder import (_write_history, autocast_context, evaluate, resolve_device, to_device,
+                                            warmup_cosine)
+from layoutgen.training.checkpointing import CheckpointManager
+from layoutgen.training.ema import EMA
+from layoutgen.training.experiment import TrainingConfig
+
+__all__ = ["EpochSampler", "Trainer", "TrainerConfig"]
+
+
+@dataclass
+class TrainerConfig(TrainingConfig):
+    """TrainingConfig plus the trainer's own options."""
+    section = "training"
+
+    grad_accumulation: int = option(1, min=1, doc="micro-batches per optimizer step")
+    ema_decay: float | None = option(None, min=0.0, max=1.0, doc="EMA of the weights; null = off")
+    early_stopping_patience: int | None = option(None, min=1, doc="epochs without improvement; null = off")
+    early_stopping_min_delta: float = option(0.0, min=0.0, doc="smallest val-loss decrease that counts")
+    checkpoint_every: int | None = option(None, min=1, doc="also checkpoint every N steps; null = each epoch only")
+    keep_last: int | None = option(3, min=1, doc="step checkpoints kept (besides the best)")
+    max_nonfinite: int = option(5, min=1, doc="stop after this many non-finite steps in a row")
+    input_key: str = option("rgb", doc="batch key fed to model(...) when a loss_fn is given")
+
+
+class EpochSampler(Sampler[int]):
+    """Indices 0..n-1, shuffled by a generator seeded from (seed, epoch) only; `start` items are skipped."""
+
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.num_items, self.seed, self.shuffle = int(num_items), int(seed), bool(shuffle)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = int(epoch), int(start)
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.num_items))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, self.num_items - self.start)
+
+
+def _resumable_loader(loader: Any, seed: int) -> DataLoader | None:
+    """The loader rebuilt over an EpochSampler, or None when its sampler is a custom one (kept as given)."""
+    if not isinstance(loader, DataLoader) or loader.batch_size is None:
+        return None
+    if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
+        return None
+    sampler = EpochSampler(len(loader.dataset), seed, shuffle=isinstance(loader.sampler, RandomSampler))
+    # A private generator: creating the iterator must not draw from the global RNG (saved in checkpoints).
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
+                      worker_init_fn=loader.worker_init_fn, generator=torch.Generator().manual_seed(seed))
+
+
+class _OptimizerState:
+    """The optimizer's state dict plus, with EMA on, the live weights (the checkpoint's model.* are the EMA ones)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, live: Callable[[], dict[str, torch.Tensor]] | None) -> None:
+        self.optimizer, self.live = optimizer, live
+        self.loaded_live: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.live is not None:
+            state["live_weights"] = {k: v.detach().clone() for k, v in self.live().items()}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loaded_live = dict(state["live_weights"]) if "live_weights" in state else None
+
+
+class Trainer:
+    """Trains `model` (see the module docstring); `fit()` returns a summary dict.
+
+    Args:
+        model: an autoencoder-like module (with `loss_fn`) or a model with `training_loss(batch, generator)`.
+        loss_fn: `loss_fn(model_output, batch) -> (loss, logs)`, or None.
+        train_loader, val_loader: DataLoaders yielding dict batches (val_loader may be None: no validation, no best
+            checkpoint, no early stopping).
+        config: a TrainerConfig or a dict of its fields.
+        out_dir: where checkpoints/ and metrics.csv go.
+        resume: continue from out_dir/checkpoints/latest.safetensors when it exists.
+        progress: show the tqdm bar.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, train_loader: Any, val_loader: Any = None, *,
+                 config: TrainerConfig | Mapping[str, Any] | None = None, out_dir: str, resume: bool = False,
+                 progress: bool = True) -> None:
+        self.cfg: TrainerConfig = TrainerConfig.from_dict(config or {})
+        cfg = self.cfg
+        if loss_fn is None and not hasattr(model, "training_loss"):
+            raise ValueError("Trainer: without a loss_fn the model needs a training_loss(batch, generator) method")
+        self.device = resolve_device(cfg.device)
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("training.amp: fp16 needs a CUDA device; use bf16 on the CPU")
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
+        self.out_dir = os.fspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.progress = progress
+
+        self._loader = _resumable_loader(train_loader, cfg.seed)
+        self._given_loader = train_loader
+        self.val_loader = val_loader
+        self.batches_per_epoch = len(self._loader if self._loader is not None else train_loader)
+        if self.batches_per_epoch == 0:
+            raise ValueError("Trainer: the training loader yields no batches")
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.grad_accumulation)
+        self.total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        params = (list(model.trainable_parameters()) if hasattr(model, "trainable_parameters")
+                  else [p for p in model.parameters() if p.requires_grad])
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(cfg.warmup_steps, self.total_steps))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.ema = EMA(self.model, decay=cfg.ema_decay) if cfg.ema_decay is not None else None
+        self._opt_state = _OptimizerState(self.optimizer, None)  # _save sets `live` when EMA is on
+        self.checkpoints = CheckpointManager(os.path.join(self.out_dir, "checkpoints"), keep_last=cfg.keep_last,
+                                             every=cfg.checkpoint_every)
+        self.generator = torch.Generator(device=self.device)
+
+        # progress counters (all saved in checkpoints)
+        self.step = 0                # optimizer steps attempted (skipped ones included)
+        self.epoch = 0
+        self.batch_in_epoch = 0      # batches of the current epoch already consumed
+        self.micro_step = 0          # micro-batches consumed in all
+        self.skipped = 0
+        self.nonfinite_in_a_row = 0
+        self.optimizer_steps = 0
+        self.best_val: float | None = None
+        self.bad_epochs = 0
+        self.stopped_early = False
+        self.history: list[dict[str, Any]] = []
+        self.last_val: dict[str, float] = {}
+        self.resumed_from: int | None = None
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ state
+    def _extra(self) -> dict[str, Any]:
+        return {"batch_in_epoch": self.batch_in_epoch, "micro_step": self.micro_step, "skipped": self.skipped,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "optimizer_steps": self.optimizer_steps,
+                "best_val": self.best_val, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}
+
+    def _save(self, metric: float | None = None, force: bool = False) -> bool:
+        kwargs = dict(model=self.model, optimizer=self._opt_state, lr_scheduler=self.scheduler,
+                      scaler=self.scaler, ema=self.ema, epoch=self.epoch, extra=self._extra(), metric=metric,
+                      force=force)
+        if self.ema is None:
+            return self.checkpoints.save(self.step, **kwargs)
+        live = {k: v.detach().clone() for k, v in self.ema._live(self.model).items()}  # before the swap
+        self._opt_state.live = lambda: live
+        with self.ema.average_parameters(self.model):   # the saved model weights are the EMA weights
+            return self.checkpoints.save(self.step, **kwargs)
+
+    def _resume(self) -> None:
+        info = self.checkpoints.resume(model=self.model, optimizer=self._opt_state, lr_scheduler=self.scheduler,
+                                       scaler=self.scaler, ema=self.ema)
+        if info is None:
+            return
+        if self.ema is not None:
+            if self._opt_state.loaded_live is None:
+                raise ValueError(f"{self.checkpoints.latest()}: saved without EMA; resume with ema_decay=null")
+            with torch.no_grad():
+                for name, tensor in self.ema._live(self.model).items():
+                    tensor.copy_(self._opt_state.loaded_live[name])
+        extra = info["extra"] or {}
+        self.step, self.epoch = info["step"], info["epoch"]
+        for key in ("batch_in_epoch", "micro_step", "skipped", "nonfinite_in_a_row", "optimizer_steps",
+                    "best_val", "bad_epochs", "stopped_early"):
+            if key in extra:
+                setattr(self, key, extra[key])
+        self.resumed_from = self.step
+        path = os.path.join(self.out_dir, "metrics.csv")
+        if os.path.isfile(path):
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            self.history = [{k: v for k, v in r.items() if v not in ("", None)} for r in rows
+                            if int(float(r.get("step") or 0)) <= self.step]
+
+    # ------------------------------------------------------------------ data
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[Mapping[str, Any]]:
+        if self._loader is not None:
+            self._loader.sampler.set_epoch(epoch, start * self._loader.batch_size)
+            return iter(self._loader)
+        sampler = getattr(self._given_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        return itertools.islice(iter(self._given_loader), start, None)
+
+    # ------------------------------------------------------------------ one step
+    def compute_loss(self, batch: Mapping[str, Any], seed: int | None = None) -> tuple[torch.Tensor, dict]:
+        """The loss of one (device) batch: loss_fn(model(batch[input_key]), batch) or model.training_loss."""
+        if self.loss_fn is not None:
+            with autocast_context(self.cfg.amp, self.device):
+                out = self.model(batch[self.cfg.input_key])
+            return self.loss_fn(out, batch)
+        self.generator.manual_seed(self.cfg.seed * 1_000_003 + (self.micro_step if seed is None else seed))
+        with autocast_context(self.cfg.amp, self.device):
+            return self.model.training_loss(batch, self.generator)
+
+    def _train_step(self, batches: list[Mapping[str, Any]]) -> tuple[float | None, dict[str, float], int]:
+        """One optimizer step over `batches` (accumulated); returns (loss or None when skipped, logs, samples)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        finite, total, samples, logs = True, 0.0, 0, {}
+        for batch in batches:
+            batch = to_device(batch, self.device, self.cfg.channels_last)
+            loss, step_logs = self.compute_loss(batch)
+            self.micro_step += 1
+            samples += _batch_size(batch)
+            if not finite or not torch.isfinite(loss.detach()):
+                finite = False          # the whole step is skipped; its other micro-batches are still consumed
+                continue
+            self.scaler.scale(loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+            for k, v in step_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
+            finite = self.scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)   # (fp16: the GradScaler skips non-finite grads itself)
+            return None, {}, samples
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.optimizer_steps += 1
+        return total, logs, samples
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean validation loss (and the autoencoder's evaluate metrics), with the EMA weights when EMA is on."""
+        if self.val_loader is None:
+            return {}
+        if self.ema is not None:
+            with self.ema.average_parameters(self.model):
+                return self._validate()
+        return self._validate()
+
+    def _validate(self) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for i, batch in enumerate(self.val_loader):
+            batch = to_device(batch, self.device, self.cfg.channels_last)
+            loss, _ = self.compute_loss(batch, seed=-(i + 1))  # fixed val noise, independent of training
+            n = _batch_size(batch)
+            total, count = total + float(loss) * n, count + n
+        results = {"val_loss": total / max(1, count)}
+        if self.loss_fn is not None and hasattr(getattr(self.model, "cfg", None), "decoder"):
+            results.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.device,
+                                                               self.cfg.amp, self.cfg.channels_last).items()})
+        self.model.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Trains to the end (epochs / max_steps / early stopping); returns the summary.
+
+        `stop_at_step` ends the run after that step with a checkpoint, as an interruption would (the LR schedule
+        still spans the whole run); `Trainer(..., resume=True).fit()` then continues it.
+        """
+        cfg = self.cfg
+        start = time.perf_counter()
+        samples = 0
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=type(self.model).__name__,
+                   disable=not self.progress, dynamic_ncols=True)
+        self.model.train()
+        interrupted = False
+        try:
+            while self.step < self.total_steps and not self.stopped_early and not interrupted:
+                batches = self._epoch_batches(self.epoch, self.batch_in_epoch)
+                while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+                    group = min(cfg.grad_accumulation, self.batches_per_epoch - self.batch_in_epoch)
+                    micro = [next(batches) for _ in range(group)]
+                    self.batch_in_epoch += group
+                    loss, logs, n = self._train_step(micro)
+                    self.step += 1
+                    samples += n
+                    bar.update(1)
+                    if loss is None:
+                        self.skipped += 1
+                        self.nonfinite_in_a_row += 1
+                        if self.nonfinite_in_a_row >= cfg.max_nonfinite:
+                            self._write_metrics()
+                            raise RuntimeError(
+                                f"Trainer: {self.nonfinite_in_a_row} non-finite steps in a row (max_nonfinite="
+                                f"{cfg.max_nonfinite}) at step {self.step}; the loss or the gradients are NaN/inf. "
+                                f"Lower the learning rate, check the data, or use bf16 instead of fp16.")
+                    else:
+                        self.nonfinite_in_a_row = 0
+                        sps = samples / max(1e-9, time.perf_counter() - start)
+                        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                            self.history.append({"step": self.step, "epoch": self.epoch, "loss": loss,
+                                                 "lr": self.scheduler.get_last_lr()[0], "samples_per_s": sps,
+                                                 **logs})
+                            self._write_metrics()
+                        bar.set_postfix(loss=f"{loss:.4f}", sps=f"{sps:.1f}")
+                        if cfg.checkpoint_every is not None:
+                            self._save()
+                    if stop_at_step is not None and self.step >= stop_at_step:
+                        interrupted = True
+                        break
+                if interrupted:
+                    break
+                if self.batch_in_epoch >= self.batches_per_epoch:
+                    self._end_epoch()
+            if interrupted:
+                self._save(force=True)
+            self._write_metrics()
+        finally:
+            bar.close()
+        return {"steps": self.step, "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped,
+                "epochs": self.epoch, "best_val_loss": self.best_val, "stopped_early": self.stopped_early,
+                "interrupted": interrupted, "resumed_from": self.resumed_from, **self.last_val,
+                "seconds": time.perf_counter() - start, "latest": self.checkpoints.latest(),
+                "best": self.checkpoints.best()}
+
+    def _end_epoch(self) -> None:
+        cfg = self.cfg
+        val = self.validate()
+        self.last_val = val
+        metric = val.get("val_loss")
+        if metric is not None and math.isfinite(metric):
+            if self.best_val is None or metric < self.best_val - cfg.early_stopping_min_delta:
+                self.best_val, self.bad_epochs = metric, 0
+            else:
+                self.bad_epochs += 1
+                if cfg.early_stopping_patience is not None and self.bad_epochs >= cfg.early_stopping_patience:
+                    self.stopped_early = True
+        if val:
+            self.history.append({"step": self.step, "epoch": self.epoch, **val})
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self._save(metric=metric if metric is not None and math.isfinite(metric) else None, force=True)
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        if self.history:
+            _write_history(os.path.join(self.out_dir, "metrics.csv"), self.history)
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 0
