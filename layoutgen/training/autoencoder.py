@@ -194,7 +194,7 @@ def train_autoencoder(experiment: AutoencoderExperiment | Mapping[str, Any], out
     results: dict[str, Any] = evaluate(model, val_loader, device, train_cfg.amp, train_cfg.channels_last)
     checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
     model.save_checkpoint(checkpoint, metadata={"steps": str(step)})
-    _write_history(os.path.join(out_dir, "metrics.csv"), history)
+    write_history(os.path.join(out_dir, "metrics.csv"), history)
     model.eval()
     preview = next(iter(val_loader))
     with torch.no_grad(), autocast_context(train_cfg.amp, device):
@@ -205,7 +205,7 @@ def train_autoencoder(experiment: AutoencoderExperiment | Mapping[str, Any], out
     return results
 
 
-def _write_history(path: str, history: list[dict[str, Any]]) -> None:
+def write_history(path: str, history: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]

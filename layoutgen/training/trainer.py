@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampl
 from tqdm.auto import tqdm
 
 from layoutgen.config import option
-from layoutgen.training.autoencoder import (_write_history, autocast_context, evaluate, resolve_device, to_device,
+from layoutgen.training.autoencoder import (write_history, autocast_context, evaluate, resolve_device, to_device,
                                             warmup_cosine)
 from layoutgen.training.checkpointing import CheckpointManager
 from layoutgen.training.ema import EMA
@@ -395,7 +395,7 @@ class Trainer:
 
     def _write_metrics(self) -> None:
         if self.history:
-            _write_history(os.path.join(self.out_dir, "metrics.csv"), self.history)
+            write_history(os.path.join(self.out_dir, "metrics.csv"), self.history)
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
