@@ -20,6 +20,20 @@ Resuming is exact: the training loader is rebuilt over an `EpochSampler` whose o
 and the checkpoint records how many batches of the current epoch were consumed, so a resumed run sees the same
 remaining batches. With EMA on, the checkpoint's model weights are the EMA weights (what one evaluates or samples
 with); the live weights travel inside the optimizer part (see `_OptimizerState`) so training continues from them.
+
+Distributed (DDP; launch with `torchrun`, initialise with `layoutgen.training.distributed.init_from_env()` before
+building the Trainer): when torch.distributed is initialised, `batch_size` is the per-rank batch, so the global batch
+is `batch_size * world_size`. Every rank draws the same per-epoch permutation and reads its strided slice
+`order[rank::world]` (EpochSampler with `num_replicas`/`rank`; the order is padded by wrapping around to a multiple
+of the world size, as DistributedSampler does, so every rank runs the same number of steps). The model is not wrapped
+in DistributedDataParallel (`model.training_loss(...)` would bypass its forward); instead the gradients of the
+trainable parameters are averaged over the ranks with bucketed all_reduces after backward, before unscaling and
+clipping, which gives the same update as one process over the global batch for losses that are means over
+samples. Non-finite steps are skipped on all ranks together; the logged loss/metrics are the means over ranks and
+samples/s is the global rate. Validation runs the whole val_loader on every rank (same weights, same result).
+Only rank 0 writes checkpoints, metrics.csv and the progress bar, with a barrier after each checkpoint write;
+resume loads latest on every rank. A loader with a custom sampler is kept as given (shard it yourself, e.g. with
+`layoutgen.models.datasets.sampling.ShardedSampler`, which reads the rank from torch.distributed).
 """
 from __future__ import annotations
 
@@ -38,6 +52,7 @@ from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampl
 from tqdm.auto import tqdm
 
 from layoutgen.config import option
+from layoutgen.training import distributed as dist_utils
 from layoutgen.training.autoencoder import (write_history, autocast_context, evaluate, resolve_device, to_device,
                                             warmup_cosine)
 from layoutgen.training.checkpointing import CheckpointManager
@@ -63,10 +78,19 @@ class TrainerConfig(TrainingConfig):
 
 
 class EpochSampler(Sampler[int]):
-    """Indices 0..n-1, shuffled by a generator seeded from (seed, epoch) only; `start` items are skipped."""
+    """Indices 0..n-1, shuffled by a generator seeded from (seed, epoch) only; `start` items are skipped.
 
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
+    With `num_replicas` > 1 it yields this rank's strided slice `order[rank::num_replicas]` of the global order
+    (padded by wrapping around to a multiple of num_replicas, so every rank gets ceil(n / num_replicas) items);
+    `start` then counts this rank's items.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1,
+                 rank: int = 0) -> None:
         self.num_items, self.seed, self.shuffle = int(num_items), int(seed), bool(shuffle)
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+        if self.num_replicas < 1 or not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"EpochSampler: bad rank {rank} / num_replicas {num_replicas}")
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -78,11 +102,24 @@ class EpochSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.num_items, generator=g).tolist()
 
+    def rank_order(self, epoch: int) -> list[int]:
+        """This rank's items of the epoch: the global order (padded) sliced [rank::num_replicas]."""
+        order = self.order(epoch)
+        if self.num_replicas == 1:
+            return order
+        total = self._per_rank() * self.num_replicas
+        while order and len(order) < total:
+            order = order + order[:total - len(order)]
+        return order[self.rank:total:self.num_replicas]
+
+    def _per_rank(self) -> int:
+        return math.ceil(self.num_items / self.num_replicas)
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start:])
+        return iter(self.rank_order(self.epoch)[self.start:])
 
     def __len__(self) -> int:
-        return max(0, self.num_items - self.start)
+        return max(0, self._per_rank() - self.start)
 
 
 def _resumable_loader(loader: Any, seed: int) -> DataLoader | None:
@@ -91,7 +128,8 @@ def _resumable_loader(loader: Any, seed: int) -> DataLoader | None:
         return None
     if not isinstance(loader.sampler, (RandomSampler, SequentialSampler)):
         return None
-    sampler = EpochSampler(len(loader.dataset), seed, shuffle=isinstance(loader.sampler, RandomSampler))
+    sampler = EpochSampler(len(loader.dataset), seed, shuffle=isinstance(loader.sampler, RandomSampler),
+                           num_replicas=dist_utils.world_size(), rank=dist_utils.rank())
     # A private generator: creating the iterator must not draw from the global RNG (saved in checkpoints).
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
@@ -137,7 +175,12 @@ class Trainer:
         cfg = self.cfg
         if loss_fn is None and not hasattr(model, "training_loss"):
             raise ValueError("Trainer: without a loss_fn the model needs a training_loss(batch, generator) method")
+        self.world_size = dist_utils.world_size()
+        self.distributed = self.world_size > 1
+        self.is_main = dist_utils.is_main()
         self.device = resolve_device(cfg.device)
+        if self.distributed and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())   # set from LOCAL_RANK by init_from_env
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("training.amp: fp16 needs a CUDA device; use bf16 on the CPU")
         self.model = model.to(self.device)
@@ -146,7 +189,7 @@ class Trainer:
         self.loss_fn = loss_fn.to(self.device) if isinstance(loss_fn, nn.Module) else loss_fn
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
-        self.progress = progress
+        self.progress = progress and self.is_main
 
         self._loader = _resumable_loader(train_loader, cfg.seed)
         self._given_loader = train_loader
@@ -189,6 +232,13 @@ class Trainer:
         self.resumed_from: int | None = None
         if resume:
             self._resume()
+        if self.distributed:   # every rank must continue from the same step (a shared out_dir)
+            steps = torch.tensor([self.step, -self.step], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+            if steps[0].item() != -steps[1].item():
+                raise RuntimeError(f"Trainer: the ranks start from different steps ({-steps[1].item():.0f} to "
+                                   f"{steps[0].item():.0f}); every rank needs the same out_dir to resume from")
+        dist_utils.barrier()   # no rank starts writing while another still reads latest / cleans temp files
 
     # ------------------------------------------------------------------ state
     def _extra(self) -> dict[str, Any]:
@@ -197,6 +247,16 @@ class Trainer:
                 "best_val": self.best_val, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}
 
     def _save(self, metric: float | None = None, force: bool = False) -> bool:
+        """Rank 0 writes (see CheckpointManager.save); with several ranks all wait for it when a write may happen."""
+        if not self.distributed:
+            return self._save_local(metric, force)
+        may_write = force or self.checkpoints.should_save(self.step)
+        saved = self._save_local(metric, force) if self.is_main and may_write else False
+        if may_write:
+            dist_utils.barrier()
+        return saved
+
+    def _save_local(self, metric: float | None = None, force: bool = False) -> bool:
         kwargs = dict(model=self.model, optimizer=self._opt_state, lr_scheduler=self.scheduler,
                       scaler=self.scaler, ema=self.ema, epoch=self.epoch, extra=self._extra(), metric=metric,
                       force=force)
@@ -249,7 +309,9 @@ class Trainer:
             with autocast_context(self.cfg.amp, self.device):
                 out = self.model(batch[self.cfg.input_key])
             return self.loss_fn(out, batch)
-        self.generator.manual_seed(self.cfg.seed * 1_000_003 + (self.micro_step if seed is None else seed))
+        if seed is None:   # training draws: a distinct stream per (micro-batch, rank); == micro_step on one rank
+            seed = self.micro_step * self.world_size + dist_utils.rank()
+        self.generator.manual_seed(self.cfg.seed * 1_000_003 + seed)
         with autocast_context(self.cfg.amp, self.device):
             return self.model.training_loss(batch, self.generator)
 
@@ -269,6 +331,15 @@ class Trainer:
             total += float(loss.detach()) / len(batches)
             for k, v in step_logs.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / len(batches)
+        if self.distributed:
+            # every rank skips together, and the grads are averaged over the global batch before clipping
+            counts = torch.tensor([float(finite), float(samples)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(counts)
+            finite_ranks, samples = counts.tolist()
+            finite, samples = finite_ranks == self.world_size, int(samples)
+            if finite:
+                dist_utils.all_reduce_gradients(self.params)
+                total, logs = self._mean_over_ranks(total, logs)
         if finite:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip or math.inf)
@@ -283,6 +354,12 @@ class Trainer:
             self.ema.update(self.model)
         self.optimizer_steps += 1
         return total, logs, samples
+
+    def _mean_over_ranks(self, total: float, logs: dict[str, float]) -> tuple[float, dict[str, float]]:
+        keys = sorted(logs)
+        values = dist_utils.all_reduce_mean(torch.tensor([total] + [logs[k] for k in keys], dtype=torch.float64,
+                                                          device=self.device)).tolist()
+        return values[0], dict(zip(keys, values[1:]))
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -394,7 +471,7 @@ class Trainer:
         self._write_metrics()
 
     def _write_metrics(self) -> None:
-        if self.history:
+        if self.history and self.is_main:
             write_history(os.path.join(self.out_dir, "metrics.csv"), self.history)
 
 
