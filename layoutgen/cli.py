@@ -1,7 +1,9 @@
 """The `layoutgen` command.
 
     layoutgen quickstart [--out DIR] [--set key=value ...]   train a small autoencoder on generated layouts
-    layoutgen train --config X.yaml [--out DIR] [--set ...]   train an autoencoder experiment
+    layoutgen train --config X.yaml [--out DIR] [--set ...] [--resume]  train any experiment kind
+    layoutgen sample --checkpoint D.safetensors --num N --out DIR   sample a PNG grid from a diffusion model
+    layoutgen eval --checkpoint C --out DIR                     reconstruction or generation metrics -> metrics.json
     layoutgen info                                            versions, devices and kernel paths
     layoutgen data synth --out DIR [--num N --size S --seed K]  write procedural layouts and a manifest.csv
     layoutgen embed --autoencoder CKPT --manifest M --out DIR   pre-embed every image into latents (resumable)
@@ -26,13 +28,120 @@ def _print_results(results: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from layoutgen.training.autoencoder import train_autoencoder
-    from layoutgen.training.experiment import load_experiment
+    from layoutgen.training.experiment import load_any_experiment
 
-    experiment = load_experiment(args.config, args.set)
+    kind, experiment = load_any_experiment(args.config, args.set)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    print(f"training {args.config} -> {out}")
-    _print_results(train_autoencoder(experiment, out, progress=not args.no_progress))
+    print(f"training {args.config} ({kind}) -> {out}")
+    if kind == "autoencoder":
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("autoencoder experiments train in one process for now; launch them without torchrun")
+        if getattr(args, "resume", False):
+            raise ValueError("--resume: autoencoder experiments do not resume yet; run them again")
+        from layoutgen.training.autoencoder import train_autoencoder
+        _print_results(train_autoencoder(experiment, out, progress=not args.no_progress))
+        return 0
+    from layoutgen.training import distributed
+    from layoutgen.training.run import run_experiment
+    # Under `torchrun --nproc_per_node K -m layoutgen train ...` every process joins one process group here.
+    distributed.init_from_env()
+    main_process = distributed.is_main()
+    try:
+        summary = run_experiment(kind, experiment, out, resume=getattr(args, "resume", False),
+                                 progress=not args.no_progress and main_process)
+    finally:
+        distributed.cleanup()
+    if main_process:
+        _print_results({k: v for k, v in summary.items() if v is not None})
+    return 0
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--labels: expected comma-separated class indices, e.g. 0,1,2; got {text!r}") from None
+
+
+def _write_latents(path: str, latents, labels) -> None:
+    from layoutgen.utils.atomic import atomic_write_bytes
+    from safetensors.torch import save as save_tensors
+
+    tensors = {"latents": latents.contiguous()}
+    if labels is not None:
+        tensors["labels"] = labels.contiguous()
+    atomic_write_bytes(path, save_tensors(tensors))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from layoutgen.training.autoencoder import resolve_device
+    from layoutgen.training.run import generate, latents_preview, load_model, save_image_grid
+
+    model = load_model(args.checkpoint)
+    device = str(resolve_device(args.device))
+    latents, images, labels = generate(model, args.num, _parse_labels(args.labels), args.steps, args.sampler,
+                                       args.guidance, args.seed, device)
+    os.makedirs(args.out, exist_ok=True)
+    _write_latents(os.path.join(args.out, "latents.safetensors"), latents, labels)
+    if images is None:
+        print("no autoencoder in this checkpoint: the grid shows the first three latent channels")
+        images = latents_preview(latents)
+    width, height = save_image_grid(os.path.join(args.out, "samples.png"), images, nrow=args.nrow)
+    print(f"wrote {args.num} samples -> {os.path.join(args.out, 'samples.png')} ({width}x{height}) and "
+          f"latents.safetensors {tuple(latents.shape)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from layoutgen.models.autoencoder import Autoencoder
+    from layoutgen.models.diffusion import DiffusionModel
+    from layoutgen.training.autoencoder import evaluate, resolve_device
+    from layoutgen.training.run import classifier_of, generate, load_model
+    from layoutgen.utils.atomic import atomic_write_text
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    model = load_model(args.checkpoint)
+    device = resolve_device(args.device)
+    if isinstance(model, Autoencoder):
+        if args.manifest:
+            from layoutgen.models.datasets.datasets import ManifestDataset, build_torch_loader
+            if not os.path.isfile(args.manifest):
+                raise FileNotFoundError(f"--manifest: file not found: {args.manifest}")
+            dataset = ManifestDataset(args.manifest, image_size=args.size)
+            loader = build_torch_loader(dataset, args.batch_size, shuffle=False)
+        else:
+            from layoutgen.models.datasets.synthetic import SyntheticLayoutDataset
+            dataset = SyntheticLayoutDataset(args.num, size=args.size or 64, seed=args.seed)
+            loader = DataLoader(dataset, batch_size=args.batch_size)
+        results = {"kind": "autoencoder", "num_images": len(dataset),
+                   **evaluate(model.to(device), loader, device)}
+    elif isinstance(model, DiffusionModel):
+        if args.manifest:
+            raise ValueError("--manifest: a diffusion checkpoint is evaluated on its own samples; leave it out")
+        latents, images, labels = generate(model, args.num, _parse_labels(args.labels), args.steps, args.sampler,
+                                           args.guidance, args.seed, str(device))
+        if images is None:
+            raise ValueError("--checkpoint: the diffusion model has no autoencoder to decode its samples with "
+                             "(set diffusion.autoencoder_checkpoint when training)")
+        from layoutgen.evaluation.generation import evaluate_generation
+        classifier = classifier_of(model.autoencoder) if labels is not None else None
+        results = {"kind": "diffusion", "num_samples": args.num,
+                   **evaluate_generation(images, labels=labels if classifier else None, classifier=classifier)}
+    else:
+        raise ValueError(f"--checkpoint: holds a {type(model).__name__}; eval takes an autoencoder or a "
+                         f"diffusion checkpoint")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "metrics.json"), json.dumps(results, indent=2) + "\n")
+    _print_results(results)
+    print(f"metrics -> {os.path.join(args.out, 'metrics.json')}")
     return 0
 
 
@@ -122,10 +231,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set training.epochs=2 (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    train = sub.add_parser("train", help="train an autoencoder experiment from a YAML config")
+    train = sub.add_parser("train", help="train an experiment (autoencoder, diffusion or controlnet) from a YAML")
     train.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
     add_run_options(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoints/latest.safetensors (diffusion and controlnet)")
     train.set_defaults(func=cmd_train)
+
+    def add_sampling_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", required=True, help="model checkpoint (.safetensors)")
+        p.add_argument("--labels", help="class indices cycled over the samples, e.g. 0,1,2 (default: every class)")
+        p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+        p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None, help="default: the model's")
+        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+        p.add_argument("--out", required=True, help="output folder")
+
+    sample = sub.add_parser("sample", help="sample a PNG grid (and latents) from a diffusion checkpoint")
+    add_sampling_options(sample)
+    sample.add_argument("--num", type=int, default=16, help="number of samples (default 16)")
+    sample.add_argument("--nrow", type=int, default=None, help="images per grid row (default ceil(sqrt(num)))")
+    sample.set_defaults(func=cmd_sample)
+
+    ev = sub.add_parser("eval", help="metrics of a checkpoint -> OUT/metrics.json: reconstruction for an "
+                                     "autoencoder, generation for a diffusion model")
+    add_sampling_options(ev)
+    ev.add_argument("--num", type=int, default=64,
+                    help="diffusion: samples to generate; autoencoder: synthetic layouts (default 64)")
+    ev.add_argument("--manifest", help="autoencoder: evaluate on this manifest instead of synthetic layouts")
+    ev.add_argument("--size", type=int, default=None, help="image size (synthetic default 64; manifest: as stored)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.set_defaults(func=cmd_eval)
 
     quick = sub.add_parser("quickstart", help="train a small autoencoder on generated layouts (CPU, minutes)")
     add_run_options(quick)

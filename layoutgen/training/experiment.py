@@ -102,3 +102,34 @@ def load_experiment(path: str, overrides: list[str] | None = None) -> Autoencode
         return AutoencoderExperiment.from_dict(data)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+EXPERIMENT_SECTIONS = {"autoencoder": "autoencoder", "diffusion": "diffusion", "controlnet_diffusion": "controlnet"}
+
+
+def experiment_kind(data: dict[str, Any], path: str = "") -> str:
+    """"autoencoder", "diffusion" or "controlnet", from the experiment's one model section."""
+    where = f"{path}: " if path else ""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}expected a mapping of sections, got {type(data).__name__}")
+    found = [key for key in EXPERIMENT_SECTIONS if key in data]
+    if len(found) != 1:
+        what = "no model section" if not found else f"several model sections {found}"
+        raise ValueError(f"{where}{what}; an experiment has exactly one of {list(EXPERIMENT_SECTIONS)}")
+    return EXPERIMENT_SECTIONS[found[0]]
+
+
+def load_any_experiment(path: str, overrides: list[str] | None = None) -> tuple[str, Config]:
+    """Reads and validates an experiment YAML of any kind: ("autoencoder", AutoencoderExperiment),
+    ("diffusion", DiffusionExperiment) or ("controlnet", ControlNetExperiment)."""
+    data = merge(load_yaml(path), parse_overrides(overrides or []))
+    kind = experiment_kind(data, path)
+    if kind == "autoencoder":
+        cls = AutoencoderExperiment
+    else:
+        from layoutgen.training.run import ControlNetExperiment, DiffusionExperiment
+        cls = DiffusionExperiment if kind == "diffusion" else ControlNetExperiment
+    try:
+        return kind, cls.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

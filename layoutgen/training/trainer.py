@@ -440,7 +440,8 @@ class Trainer:
                     break
                 if self.batch_in_epoch >= self.batches_per_epoch:
                     self._end_epoch()
-            if interrupted:
+            if interrupted or self.batch_in_epoch > 0:
+                # Stopped mid-epoch (stop_at_step or max_steps): leave a checkpoint to resume from.
                 self._save(force=True)
             self._write_metrics()
         finally:
