@@ -27,7 +27,6 @@ import math
 import os
 import random
 import re
-import secrets
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 
 import layoutgen
 from layoutgen.training.ema import EMA
-from layoutgen.utils.atomic import _fsync_folder, atomic_write_bytes
+from layoutgen.utils.atomic import atomic_link, atomic_write_bytes
 from layoutgen.utils.checkpoint import (
     CHECKSUM_KEY,
     CheckpointError,
@@ -336,25 +335,6 @@ _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 _TEMP_FILE = re.compile(r"^\.(?:step-\d+|latest|best)\.safetensors\.[0-9a-f]{16}\.tmp$")
 
 
-def _atomic_link(src: str, dst: str) -> None:
-    """Makes `dst` hold `src`'s content, atomically: a hard link renamed over dst (or an atomic copy)."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{secrets.token_hex(8)}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:  # a filesystem without hard links: copy instead
-        with open(src, "rb") as fh:
-            atomic_write_bytes(dst, fh.read())
-        return
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
 def _all_finite(tensors: Mapping[str, torch.Tensor]) -> str | None:
     """The name of the first non-finite floating-point tensor, or None."""
     for name, tensor in tensors.items():
@@ -456,9 +436,9 @@ class CheckpointManager:
         path = self.step_path(step)
         save_training_state(path, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
                             ema=ema, step=step, epoch=epoch, extra=extra, metric=metric, metric_mode=mode)
-        _atomic_link(path, self.latest_path)
+        atomic_link(path, self.latest_path)
         if improved:
-            _atomic_link(path, self.best_path)
+            atomic_link(path, self.best_path)
             best_step = int(step)
         self._prune(keep=best_step)
         return True

@@ -64,3 +64,24 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_link(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Makes `dst` hold `src`'s content, atomically: a hard link renamed over dst (or an atomic copy where the
+    filesystem has no hard links). Used to point latest/best at a checkpoint without writing it twice."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    folder = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{secrets.token_hex(8)}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:  # a filesystem without hard links: copy instead
+        with open(src, "rb") as fh:
+            atomic_write_bytes(dst, fh.read())
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
