@@ -164,6 +164,17 @@ def _check_noise_args(op: str, x0: object, noise: object, t: object, sqrt_alphas
     _check_timesteps(op, "t", t, x0.shape[0], 0, sqrt_alphas_cumprod.numel(), "x0")
 
 
+def _check_step_args(op: str, model_output: object, x_t: object, alphas_cumprod: object, prediction_type: object,
+                     variance_noise: object) -> None:
+    """The checks ddpm_step and ddim_step share: tensors alike, the table, the prediction type."""
+    x_t = _check_tensor(op, "x_t", x_t)
+    _check_same_shape(op, "model_output", model_output, "x_t", x_t)
+    if variance_noise is not None:
+        _check_same_shape(op, "variance_noise", variance_noise, "x_t", x_t)
+    _check_table(op, "alphas_cumprod", alphas_cumprod)
+    _check_choice(op, "prediction_type", prediction_type, PREDICTION_TYPES)
+
+
 def _check_choice(op: str, name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {list(choices)}, got {value!r}")
@@ -607,12 +618,7 @@ def ddpm_step(model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tens
     Returns (x_prev, x0_pred), both [N, ...] in x_t's dtype.
     """
     op = "ddpm_step"
-    _check_tensor(op, "x_t", x_t)
-    _check_same_shape(op, "model_output", model_output, "x_t", x_t)
-    if variance_noise is not None:
-        _check_same_shape(op, "variance_noise", variance_noise, "x_t", x_t)
-    _check_table(op, "alphas_cumprod", alphas_cumprod)
-    _check_choice(op, "prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_step_args(op, model_output, x_t, alphas_cumprod, prediction_type, variance_noise)
     _check_choice(op, "variance_type", variance_type, VARIANCE_TYPES)
     if clip_sample:
         clip_range = _check_real(op, "clip_range", clip_range, 0.0)
@@ -695,12 +701,7 @@ def ddim_step(model_output: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tens
     Returns (x_prev, x0_pred), both [N, ...] in x_t's dtype.
     """
     op = "ddim_step"
-    _check_tensor(op, "x_t", x_t)
-    _check_same_shape(op, "model_output", model_output, "x_t", x_t)
-    if variance_noise is not None:
-        _check_same_shape(op, "variance_noise", variance_noise, "x_t", x_t)
-    _check_table(op, "alphas_cumprod", alphas_cumprod)
-    _check_choice(op, "prediction_type", prediction_type, PREDICTION_TYPES)
+    _check_step_args(op, model_output, x_t, alphas_cumprod, prediction_type, variance_noise)
     eta = _check_real(op, "eta", eta, 0.0, 1.0)
     final_alpha_cumprod = _check_real(op, "final_alpha_cumprod", final_alpha_cumprod, 0.0, 1.0)
     if clip_sample:
