@@ -27,7 +27,8 @@ except ImportError:
     pytest = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_parser, copy_bandwidth_gbs, environment_line, gbs, markdown_table, time_ms  # noqa: E402
+from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environment_line, gbs,  # noqa: E402
+                    markdown_table, time_ms)
 
 from layoutgen.kernels import group_norm_silu, group_norm_silu_ref, use_backend  # noqa: E402
 
@@ -119,20 +120,13 @@ def measure(shape, dtype, channels_last, mode, provider, device, repeats) -> flo
     return time_ms(runner(fn, mode, x, w, b, dy), device, warmup=3 if device.type == "cpu" else 10, repeats=repeats)
 
 
-def _allow_recompiles() -> None:
-    """One compiled graph per (shape, layout, mode): more than dynamo's default recompile limit, past which it would
-    silently run eager code and the "compile" column would lie."""
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 4096)
-
 
 def main(argv=None) -> None:
     parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--channels-last", action="store_true", help="NHWC inputs (apex only runs on these)")
     args = parser.parse_args(argv)
-    _allow_recompiles()
+    allow_recompiles(4096)  # one graph per shape, layout and mode
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
@@ -180,7 +174,7 @@ if pytest is not None:
     _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _SUITE_SHAPES = QUICK_GPU if _DEVICE.type == "cuda" else QUICK_CPU[:1]
     _SUITE_DTYPE = torch.bfloat16 if _DEVICE.type == "cuda" else torch.float32
-    _allow_recompiles()
+    allow_recompiles(4096)  # one graph per shape, layout and mode
 
     @pytest.mark.parametrize("mode", MODES)
     @pytest.mark.parametrize("provider", providers(_DEVICE))

@@ -25,7 +25,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_parser, copy_bandwidth_gbs, environment_line, gbs, markdown_table, time_ms  # noqa: E402
+from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environment_line, gbs,  # noqa: E402
+                    markdown_table, time_ms)
 
 from layoutgen.kernels import noise_ops  # noqa: E402
 
@@ -103,20 +104,13 @@ def make_fns(op: str, shape: tuple[int, ...], device: torch.device, dtype: torch
             "ours": lambda: ops.ddim_step(*args), "ours+checks": lambda: noise_ops.ddim_step(*args)}
 
 
-def _allow_recompiles() -> None:
-    """One compiled graph per (op, shape): more than dynamo's default recompile limit, past which it would silently
-    run eager code and the "compile" column would lie."""
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 256)
-
 
 def main(argv=None) -> None:
     parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp32 (and bf16 on a GPU)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    _allow_recompiles()
+    allow_recompiles(256)  # one graph per op and shape
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     status = noise_ops.noise_ops_status()
@@ -169,7 +163,7 @@ if pytest is not None:
     @pytest.mark.parametrize("op", OPS)
     @pytest.mark.parametrize("name", _SUITE_SHAPES)
     def test_noise_ops(benchmark, name, op, provider):
-        _allow_recompiles()
+        allow_recompiles(256)  # one graph per op and shape
         if not noise_ops.noise_ops_status().compiled:
             pytest.skip("no compiled noise ops")
         fn = make_fns(op, SHAPES[name], _DEVICE, torch.float32, schedule(_DEVICE))[provider]

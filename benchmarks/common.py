@@ -111,3 +111,11 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median reported)")
     return parser
+
+
+def allow_recompiles(limit: int) -> None:
+    """Raises dynamo's recompile limits to `limit`: a bench compiles one graph per shape/mode, and past the default
+    limit dynamo would silently run eager code, so the "compile" column would lie."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, limit)
