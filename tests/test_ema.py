@@ -195,3 +195,20 @@ def test_constant_buffer_is_kept_exactly():
         _perturb(model, i)
         ema.update(model)
     assert torch.equal(ema.shadow["table"], model.table)
+
+
+def test_lazily_set_buffer_is_copied_once_set_then_averaged():
+    # e.g. the diffusion model's latent_scale: NaN until the first training batch measures it
+    model = _model()
+    model.register_buffer("scale", torch.tensor(float("nan")))
+    ema = EMA(model, decay=0.9, warmup=False)
+    ema.update(model)                      # still unset: nothing to copy
+    assert torch.isnan(ema.shadow["scale"])
+    model.scale.fill_(2.0)
+    ema.update(model)
+    assert float(ema.shadow["scale"]) == 2.0
+    model.scale.fill_(4.0)
+    ema.update(model)                      # finite from now on: averaged like any float buffer
+    assert float(ema.shadow["scale"]) == pytest.approx(0.9 * 2.0 + 0.1 * 4.0)
+    with ema.average_parameters(model):
+        assert float(model.scale) == pytest.approx(2.2)

@@ -7,7 +7,8 @@ device) and, after each optimizer step, moves it towards the live weights:
 
 With `warmup=True`, decay_t = min(decay, (1 + t) / (10 + t)), where t is the number of averaging updates already
 applied (0 for the first), as in the common EMA implementations: early on the average follows the weights closely
-instead of remembering the random initialisation. Integer buffers (e.g. BatchNorm's num_batches_tracked) are copied.
+instead of remembering the random initialisation. Integer buffers (e.g. BatchNorm's num_batches_tracked) are copied,
+and so is a floating-point buffer whose shadow is not finite once the live one is (a lazily set buffer).
 
 Parameters with requires_grad=False (a frozen sub-model such as the autoencoder inside a diffusion model) are left
 out by default, and so are the buffers of modules whose parameters are all frozen: `copy_to` never touches them.
@@ -64,10 +65,14 @@ class EMA:
 
         self._float_names: list[str] = []
         self._int_names: list[str] = []
+        buffers = {name for name, _ in model.named_buffers()}
+        self._float_buffer_names: list[str] = []
         self.shadow: dict[str, torch.Tensor] = {}
         for name, tensor in self._tracked(model).items():
             if tensor.is_floating_point():
                 self._float_names.append(name)
+                if name in buffers:
+                    self._float_buffer_names.append(name)
                 self.shadow[name] = tensor.detach().to(dtype=torch.float32, copy=True)
             else:
                 self._int_names.append(name)
@@ -131,6 +136,12 @@ class EMA:
             return
         if (self.step - self.update_after_step) % self.update_every != 0:
             return
+        for name in self._float_buffer_names:
+            # A buffer set lazily (NaN until then, e.g. the diffusion model's latent_scale measured from the first
+            # batch) is copied once it is set: averaging from NaN would keep the shadow NaN forever.
+            shadow, tensor = self.shadow[name], live[name].detach()
+            if not bool(torch.isfinite(shadow).all()) and bool(torch.isfinite(tensor).all()):
+                shadow.copy_(tensor)
         weight = 1.0 - self.get_decay()
         shadows = [self.shadow[n] for n in self._float_names]
         sources = [live[n].detach().to(device=self.shadow[n].device, dtype=torch.float32)
