@@ -111,7 +111,8 @@ setup(
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
         # diffusers is a test-only reference for the schedulers and the UNet.
-        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "diffusers"],
+        # tensorboard: the trainer's optional `training.tensorboard` logging (its test needs it).
+        "dev": ["pytest", "pytest-benchmark", "pytest-timeout", "diffusers", "tensorboard"],
     },
     entry_points={"console_scripts": ["layoutgen=layoutgen.cli:main"]},
     ext_modules=ext_modules,

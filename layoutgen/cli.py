@@ -1,12 +1,16 @@
 """The `layoutgen` command.
 
-    layoutgen quickstart [--out DIR] [--set key=value ...]   train a small autoencoder on generated layouts
+    layoutgen quickstart [--out DIR] [--set key=value ...] [--resume]  data -> autoencoder -> diffusion -> samples
     layoutgen train --config X.yaml [--out DIR] [--set ...] [--resume]  train any experiment kind
     layoutgen sample --checkpoint D.safetensors --num N --out DIR   sample a PNG grid from a diffusion model
-    layoutgen eval --checkpoint C --out DIR                     reconstruction or generation metrics -> metrics.json
+                     [--control DIR|manifest.csv|synthetic]      (a ControlNet's: controls beside samples)
+    layoutgen eval --checkpoint C --out DIR [--control ...]     reconstruction or generation metrics -> metrics.json
     layoutgen info                                            versions, devices and kernel paths
     layoutgen data synth --out DIR [--num N --size S --seed K]  write procedural layouts and a manifest.csv
     layoutgen embed --autoencoder CKPT --manifest M --out DIR   pre-embed every image into latents (resumable)
+    layoutgen bench [--quick] [--suite ops|models|all] [--compile-matrix] [--out DIR] [--device auto|cpu|cuda]
+                                                              op and model benchmarks -> JSON, CSV, markdown, PNGs
+    layoutgen profile --config X.yaml --steps N [--out DIR] [--set ...]   torch.profiler trace of training steps
 
 User mistakes (a missing config, a bad key) print one line on stderr and exit with status 2; nothing else does.
 """
@@ -16,7 +20,6 @@ import argparse
 import os
 import platform
 import sys
-from importlib import resources
 
 EXIT_USAGE = 2
 
@@ -32,20 +35,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     kind, experiment = load_any_experiment(args.config, args.set)
     out = args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    print(f"training {args.config} ({kind}) -> {out}")
-    if kind == "autoencoder":
-        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("autoencoder experiments train in one process for now; launch them without torchrun")
-        if getattr(args, "resume", False):
-            raise ValueError("--resume: autoencoder experiments do not resume yet; run them again")
-        from layoutgen.training.autoencoder import train_autoencoder
-        _print_results(train_autoencoder(experiment, out, progress=not args.no_progress))
-        return 0
     from layoutgen.training import distributed
     from layoutgen.training.run import run_experiment
-    # Under `torchrun --nproc_per_node K -m layoutgen train ...` every process joins one process group here.
+    # Every kind (autoencoder, diffusion, controlnet) goes through the Trainer, so all of them resume (--resume) and
+    # run under `torchrun --nproc_per_node K -m layoutgen train ...`, where every process joins one group here.
     distributed.init_from_env()
     main_process = distributed.is_main()
+    if main_process:
+        print(f"training {args.config} ({kind}) -> {out}")
     try:
         summary = run_experiment(kind, experiment, out, resume=getattr(args, "resume", False),
                                  progress=not args.no_progress and main_process)
@@ -65,32 +62,72 @@ def _parse_labels(text: str | None) -> list[int] | None:
         raise ValueError(f"--labels: expected comma-separated class indices, e.g. 0,1,2; got {text!r}") from None
 
 
-def _write_latents(path: str, latents, labels) -> None:
+def _write_latents(path: str, latents, labels, control=None) -> None:
     from layoutgen.utils.atomic import atomic_write_bytes
     from safetensors.torch import save as save_tensors
 
     tensors = {"latents": latents.contiguous()}
     if labels is not None:
         tensors["labels"] = labels.contiguous()
+    if control is not None:
+        tensors["control"] = control.float().contiguous()
     atomic_write_bytes(path, save_tensors(tensors))
+
+
+def _controls_for(model, args: argparse.Namespace):
+    """The --control images of a ControlNet checkpoint; None for any other model (which must not get --control)."""
+    from layoutgen.models.controlnet_diffusion import ControlNetDiffusion
+
+    if not isinstance(model, ControlNetDiffusion):
+        if args.control:
+            raise ValueError(f"--control: the checkpoint holds a {type(model).__name__}, not a ControlNetDiffusion; "
+                             f"leave --control out")
+        return None
+    if not args.control:
+        raise ValueError("--control: missing; a ControlNet checkpoint samples inside control images: give a folder "
+                         "of them, a manifest.csv with control_path, or 'synthetic'")
+    from layoutgen.training.control_sampling import load_controls
+    return load_controls(args.control, model, args.num, args.seed)
+
+
+def _sample(model, control, args: argparse.Namespace, device: str):
+    """(latents, images or None, labels) of `model`: with `control` through the ControlNet, else plain."""
+    if control is None:
+        from layoutgen.training.run import generate
+        return generate(model, args.num, _parse_labels(args.labels), args.steps, args.sampler, args.guidance,
+                        args.seed, device)
+    from layoutgen.training.control_sampling import sample_with_control
+    return sample_with_control(model, control, _parse_labels(args.labels), args.steps, args.sampler, args.guidance,
+                               args.seed, device)
+
+
+def _save_grid(path: str, images, control, nrow: int | None) -> tuple[int, int]:
+    """samples.png: the images, or each control beside its sample."""
+    from layoutgen.training.run import save_image_grid
+
+    if control is not None:
+        from layoutgen.training.control_sampling import control_grid
+        images, nrow = control_grid(control, images, nrow)
+    return save_image_grid(path, images, nrow=nrow)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from layoutgen.training.autoencoder import resolve_device
-    from layoutgen.training.run import generate, latents_preview, load_model, save_image_grid
+    from layoutgen.training.run import latents_preview, load_model
 
     model = load_model(args.checkpoint)
     device = str(resolve_device(args.device))
-    latents, images, labels = generate(model, args.num, _parse_labels(args.labels), args.steps, args.sampler,
-                                       args.guidance, args.seed, device)
+    control = _controls_for(model, args)
+    latents, images, labels = _sample(model, control, args, device)
     os.makedirs(args.out, exist_ok=True)
-    _write_latents(os.path.join(args.out, "latents.safetensors"), latents, labels)
+    _write_latents(os.path.join(args.out, "latents.safetensors"), latents, labels, control)
     if images is None:
         print("no autoencoder in this checkpoint: the grid shows the first three latent channels")
         images = latents_preview(latents)
-    width, height = save_image_grid(os.path.join(args.out, "samples.png"), images, nrow=args.nrow)
-    print(f"wrote {args.num} samples -> {os.path.join(args.out, 'samples.png')} ({width}x{height}) and "
-          f"latents.safetensors {tuple(latents.shape)}")
+    width, height = _save_grid(os.path.join(args.out, "samples.png"), images, control, args.nrow)
+    print(f"wrote {latents.shape[0]} samples{' beside their controls' if control is not None else ''} -> "
+          f"{os.path.join(args.out, 'samples.png')} ({width}x{height}) and latents.safetensors "
+          f"{tuple(latents.shape)}")
     return 0
 
 
@@ -103,13 +140,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from layoutgen.models.autoencoder import Autoencoder
     from layoutgen.models.diffusion import DiffusionModel
     from layoutgen.training.autoencoder import evaluate, resolve_device
-    from layoutgen.training.run import classifier_of, generate, load_model
+    from layoutgen.training.run import classifier_of, load_model
     from layoutgen.utils.atomic import atomic_write_text
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     model = load_model(args.checkpoint)
     device = resolve_device(args.device)
+    control = _controls_for(model, args)
     if isinstance(model, Autoencoder):
         if args.manifest:
             from layoutgen.models.datasets.datasets import ManifestDataset, build_torch_loader
@@ -126,15 +164,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif isinstance(model, DiffusionModel):
         if args.manifest:
             raise ValueError("--manifest: a diffusion checkpoint is evaluated on its own samples; leave it out")
-        latents, images, labels = generate(model, args.num, _parse_labels(args.labels), args.steps, args.sampler,
-                                           args.guidance, args.seed, str(device))
+        latents, images, labels = _sample(model, control, args, str(device))
         if images is None:
             raise ValueError("--checkpoint: the diffusion model has no autoencoder to decode its samples with "
                              "(set diffusion.autoencoder_checkpoint when training)")
         from layoutgen.evaluation.generation import evaluate_generation
         classifier = classifier_of(model.autoencoder) if labels is not None else None
-        results = {"kind": "diffusion", "num_samples": args.num,
-                   **evaluate_generation(images, labels=labels if classifier else None, classifier=classifier)}
+        outlines = None
+        if control is not None:
+            from layoutgen.training.control_sampling import control_iou_outlines
+            outlines = control_iou_outlines(control, images)   # None (no IoU) for a multi-channel control
+            os.makedirs(args.out, exist_ok=True)
+            _save_grid(os.path.join(args.out, "samples.png"), images, control, None)
+        results = {"kind": "diffusion" if control is None else "controlnet", "num_samples": images.shape[0],
+                   **evaluate_generation(images, labels=labels if classifier else None, classifier=classifier,
+                                         outlines=outlines)}
     else:
         raise ValueError(f"--checkpoint: holds a {type(model).__name__}; eval takes an autoencoder or a "
                          f"diffusion checkpoint")
@@ -146,11 +190,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    config = resources.files("layoutgen.training").joinpath("quickstart.yaml")
-    with resources.as_file(config) as path:
-        args.config = str(path)
-        args.out = args.out or os.path.join("runs", "quickstart")
-        return cmd_train(args)
+    from layoutgen.training.quickstart import format_results, load_quickstart_config, run_quickstart
+
+    cfg = load_quickstart_config(args.config, args.set)
+    out = args.out or os.path.join("runs", "quickstart")
+    print(f"quickstart -> {out}: generated floor plans -> autoencoder -> latents -> class-conditional diffusion "
+          f"-> samples and their evaluation", flush=True)
+    results = run_quickstart(cfg, out, resume=args.resume, progress=not args.no_progress)
+    print("\nevaluation (samples: the diffusion model's, decoded; reconstructed: the autoencoder's own "
+          "reconstructions of real layouts; real: the layouts themselves):")
+    print(format_results(results))
+    print(f"\nsamples -> {os.path.join(out, 'samples.png')}, metrics -> {os.path.join(out, 'metrics.json')} "
+          f"({results['seconds'] / 60:.1f} min)")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -221,6 +273,25 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from layoutgen.bench.report import markdown_report
+    from layoutgen.bench.run import run_bench
+
+    result, files = run_bench(quick=args.quick, suite=args.suite, out=args.out, device=args.device,
+                              compile_matrix=args.compile_matrix, threads=args.threads)
+    print(markdown_report(result))
+    print(f"finished in {result['seconds']:.0f} s; wrote " + ", ".join(files.values()))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from layoutgen.bench.profile import profile_experiment
+
+    profile_experiment(args.config, args.steps, out=args.out, device=args.device, overrides=args.set, top=args.top,
+                       threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layoutgen", description="Fast layout-image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -247,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
         p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--control", help="ControlNet checkpoints: control images (outlines) to sample inside: a "
+                                         "folder, a manifest.csv with control_path, or 'synthetic' (built-in "
+                                         "outlines); one sample per image, at most --num")
 
     sample = sub.add_parser("sample", help="sample a PNG grid (and latents) from a diffusion checkpoint")
     add_sampling_options(sample)
@@ -264,8 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.set_defaults(func=cmd_eval)
 
-    quick = sub.add_parser("quickstart", help="train a small autoencoder on generated layouts (CPU, minutes)")
+    quick = sub.add_parser("quickstart", help="the whole pipeline on generated layouts: data, autoencoder, latents, "
+                                              "class-conditional diffusion, a sample grid and its evaluation "
+                                              "(about 10 minutes on 2 CPU cores)")
     add_run_options(quick)
+    quick.add_argument("--config", default=None,
+                       help="quickstart YAML (default: the packaged layoutgen/training/quickstart.yaml)")
+    quick.add_argument("--resume", action="store_true",
+                       help="keep the generated data and latents, continue each training stage from its checkpoint")
     quick.set_defaults(func=cmd_quickstart)
 
     info = sub.add_parser("info", help="versions, devices and active kernel paths")
@@ -295,6 +375,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="missing or corrupt images: stop (default) or skip them")
     embed.add_argument("--no-progress", action="store_true", help="no progress bar")
     embed.set_defaults(func=cmd_embed)
+
+    bench = sub.add_parser("bench", help="benchmark the ops and the models (ours vs reference vs torch.compile); "
+                                         "writes JSON, CSV, markdown and PNG plots")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny shapes and scaled-down models (about 2 minutes on a 2-core CPU)")
+    bench.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    bench.add_argument("--compile-matrix", action="store_true",
+                       help="instead: {eager, compile default, max-autotune} x {reference, fused ops} x "
+                            "{fp32, bf16} for the autoencoder and the UNet, with graph breaks")
+    bench.add_argument("--out", help="output folder (default runs/bench/<date>-<card>)")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="CPU intra-op threads (default: 1 with --quick on a CPU, else torch's default)")
+    bench.set_defaults(func=cmd_bench)
+
+    prof = sub.add_parser("profile", help="torch.profiler over N training steps of an experiment: Chrome trace, "
+                                          "top kernels, samples/s, peak memory, project kernels' GB/s")
+    prof.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
+    prof.add_argument("--steps", type=int, default=5, help="profiled training steps (default 5)")
+    prof.add_argument("--out", help="output folder (default runs/profile/<config name>)")
+    prof.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    prof.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key, e.g. --set training.batch_size=4 (repeatable)")
+    prof.add_argument("--top", type=int, default=25, help="rows of the top-ops table (default 25)")
+    prof.add_argument("--threads", type=int, default=None,
+                      help="CPU intra-op threads (default torch's; 1 is steadier on a busy 2-core machine)")
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -29,11 +29,15 @@ TINY = {
     "data": {"num_samples": 8, "image_size": 32},
     "training": {"epochs": 3, "batch_size": 4, "device": "cpu"},
 }
-# The quickstart's model (2 downsampling steps, base_channels 32) made tiny.
+# The quickstart's pipeline made tiny: 24 layouts of 32x32, two training steps per stage, two samples per class.
 QUICKSTART_TINY = [
-    "data.num_samples=8", "data.image_size=32", "training.max_steps=1", "training.batch_size=4",
-    "training.device=cpu",
-    *(f"autoencoder.{part}.{key}" for part in ("encoder", "decoder") for key in ("base_channels=8", "norm_groups=4")),
+    "data.num_samples=24", "data.image_size=32", "data.val_fraction=0.2", "sample.per_class=2", "sample.reference=4",
+    "autoencoder.training.max_steps=2", "autoencoder.training.batch_size=4", "autoencoder.training.device=cpu",
+    *(f"autoencoder.autoencoder.{part}.{key}" for part in ("encoder", "decoder")
+      for key in ("base_channels=8", "norm_groups=4")),
+    "diffusion.diffusion.unet.base_channels=8", "diffusion.diffusion.unet.norm_groups=4",
+    "sample.steps=2", "diffusion.training.max_steps=2", "diffusion.training.batch_size=4",
+    "diffusion.training.device=cpu",
 ]
 
 
@@ -130,14 +134,29 @@ def test_quickstart_tiny(tmp_path, capsys):
     code = main(["quickstart", "--out", str(out), "--no-progress", *_sets(QUICKSTART_TINY)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "results:" in captured.out
-    for key in ("rgb_psnr", "segmentation_pixel_accuracy", "classification_accuracy"):
+    for stage in ("[1/5] data", "[2/5] autoencoder", "[3/5] embed", "[4/5] diffusion", "[5/5] sample"):
+        assert stage in captured.out
+    for key in ("palette_fidelity", "room_rectangularity", "class_conditional_accuracy", "memorisation"):
         assert key in captured.out
-    assert (out / "autoencoder.safetensors").is_file()
+    for path in ("data/manifest.csv", "autoencoder/autoencoder.safetensors", "latents/manifest.csv",
+                 "diffusion/diffusion.safetensors", "samples.png", "samples.safetensors", "metrics.json",
+                 "config.yaml"):
+        assert (out / path).is_file(), path
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["autoencoder"]["encoder"]["base_channels"] == 8
-    assert config["autoencoder"]["encoder"]["downsampling_steps"] == 2  # the quickstart's own setting survives
+    assert config["autoencoder"]["autoencoder"]["encoder"]["base_channels"] == 8
+    assert config["autoencoder"]["autoencoder"]["encoder"]["downsampling_steps"] == 2  # the quickstart's own setting
     assert config["data"]["image_size"] == 32
+    # one row of 2 samples per layout type: 4 rows of 32-pixel tiles
+    from PIL import Image
+    width, height = Image.open(out / "samples.png").size
+    assert height == 4 * (32 + 2) + 2 and width > 2 * (32 + 2)
+
+
+def test_quickstart_bad_key_is_one_line_naming_it(tmp_path, capsys):
+    code = main(["quickstart", "--out", str(tmp_path / "q"), "--set", "diffusion.training.epoks=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "diffusion.training.epoks" in err[0]
 
 
 def test_no_subcommand_is_an_argparse_error(capsys):

@@ -13,22 +13,14 @@ from layoutgen.models.diffusion import DiffusionModel
 from layoutgen.training.experiment import AutoencoderExperiment, load_any_experiment, load_experiment
 from layoutgen.training.run import ControlNetExperiment, DiffusionExperiment
 
-CODEC = dict(latent_channels=4, base_channels=8, norm_groups=4)
+from tiny_configs import UNET, autoencoder as tiny_autoencoder
+
 AUTOENCODER = {
-    "autoencoder": {
-        "encoder": dict(downsampling_steps=2, **CODEC),
-        "decoder": dict(upsampling_steps=2, heads=[
-            {"type": "RGBHead", "name": "rgb", "out_channels": 3},
-            {"type": "SegmentationHead", "name": "segmentation", "num_classes": 11},
-            {"type": "ClassificationHead", "name": "classification", "num_classes": 4},
-        ], **CODEC),
-    },
+    "autoencoder": tiny_autoencoder(),
     "loss": [{"type": "MSELoss", "key": "rgb", "target": "rgb"}],
     "data": {"num_samples": 8, "image_size": 32},
     "training": {"epochs": 1, "max_steps": 2, "batch_size": 4, "device": "cpu"},
 }
-UNET = {"in_channels": 4, "base_channels": 8, "depth": 2, "num_res_blocks": 1, "time_dim": 16, "norm_groups": 4,
-        "num_heads": 2, "attention_levels": [], "num_classes": 4}
 MODEL = {"unet": UNET, "scheduler": {"type": "CosineScheduler", "num_steps": 50}, "latent_size": [8, 8],
          "sample_steps": 3, "guidance_scale": 1.0}
 TRAINING = {"epochs": 2, "max_steps": 2, "batch_size": 4, "device": "cpu", "warmup_steps": 1, "log_every": 1}
@@ -93,6 +85,19 @@ def test_resume_continues(runs, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert ["resumed_from", "1"] in [line.split() for line in lines]
     assert ["steps", "2"] in [line.split() for line in lines]
+
+
+def test_autoencoder_resume_continues(runs, tmp_path, capsys):
+    out = tmp_path / "ae"
+    epochs = "training.epochs=3"   # 7 training items, batch 4: one step per epoch
+    assert _train(runs["ae_config"], out, "--set", epochs, "--set", "training.max_steps=1") == 0
+    capsys.readouterr()
+    assert _train(runs["ae_config"], out, "--resume", "--set", epochs, "--set", "training.max_steps=2") == 0
+    results = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()
+               if len(line.split()) == 2}
+    assert results["resumed_from"] == "1" and results["steps"] == "2"
+    assert float(results["rgb_psnr"]) > 0 and results["checkpoint"] == str(out / "autoencoder.safetensors")
+    assert (out / "checkpoints" / "latest.safetensors").is_file() and (out / "reconstructions.png").is_file()
 
 
 def test_sample_writes_a_grid_and_latents(runs, tmp_path):

@@ -1,5 +1,6 @@
 """DDP: the helpers without a process group, the sharded EpochSampler, and a real 2-process gloo run on the CPU whose
-losses and final weights match one process over the same global batch."""
+losses, final weights and validation results (split across the ranks) match one process over the same global batch,
+for a plain model and for an autoencoder experiment."""
 import csv
 import os
 import socket
@@ -10,7 +11,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from layoutgen.models.autoencoder import Autoencoder
 from layoutgen.training import distributed as dist_utils
+from layoutgen.training.experiment import AutoencoderExperiment
+from layoutgen.training.run import run_experiment
 from layoutgen.training.trainer import EpochSampler, Trainer
 
 
@@ -59,6 +63,35 @@ def mse(out, batch):
 
 
 CONFIG = dict(device="cpu", epochs=3, lr=1e-2, warmup_steps=1, log_every=1, grad_clip=1.0, input_key="x")
+CODEC = dict(latent_channels=4, base_channels=8, norm_groups=4)
+# 12 synthetic layouts, 3 for validation (2 batches of 2: split over 2 ranks), 9 for training: with 2 per rank, each
+# step's global batch is the single process's batch of 4 (losses are means over samples, so the updates match).
+AUTOENCODER = {
+    "autoencoder": {"encoder": dict(downsampling_steps=2, **CODEC),
+                    "decoder": dict(upsampling_steps=2, heads=[
+                        {"type": "RGBHead", "name": "rgb", "out_channels": 3},
+                        {"type": "SegmentationHead", "name": "segmentation", "num_classes": 11},
+                        {"type": "ClassificationHead", "name": "classification", "num_classes": 4}], **CODEC)},
+    "loss": [{"type": "MSELoss", "key": "rgb", "target": "rgb"},
+             {"type": "CrossEntropyLoss", "key": "segmentation", "target": "segmentation", "weight": 0.05}],
+    "data": {"num_samples": 12, "image_size": 32, "val_fraction": 0.25},
+    "training": {"epochs": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "device": "cpu",
+                 "preview_every": None},
+}
+METRICS = ("val_loss", "rgb_psnr", "segmentation_pixel_accuracy", "segmentation_mean_iou")
+
+
+def autoencoder_experiment(batch_size: int) -> AutoencoderExperiment:
+    return AutoencoderExperiment.from_dict({**AUTOENCODER, "training": {**AUTOENCODER["training"],
+                                                                        "batch_size": batch_size}})
+
+
+def validation(out_dir, noisy: bool = False) -> dict:
+    """A fixed model's validation over 5 items in 3 batches (2 on rank 0, 1 on rank 1): no training."""
+    model = NoisyRegressor() if noisy else TwoPart()
+    trainer = Trainer(model, None if noisy else mse, DataLoader(Pairs(), batch_size=4), DataLoader(Pairs(5),
+                      batch_size=2), config=CONFIG, out_dir=out_dir, progress=False)
+    return trainer.validate()
 
 
 def run(out_dir, batch_size, stop_at_step=None, resume=False):
@@ -93,8 +126,12 @@ def _worker(rank, world, port, out_dirs, result_dir):
         loader = DataLoader(Pairs(), batch_size=2, shuffle=True)
         Trainer(noisy, None, loader, None, config={**CONFIG, "epochs": 1}, out_dir=out_dirs[3],
                 progress=False).fit()
+        # validation split over the ranks (batch-strided), sums reduced: the single-process values
+        val = validation(out_dirs[4]), validation(out_dirs[4], noisy=True)
+        summary = run_experiment("autoencoder", autoencoder_experiment(2), out_dirs[5], progress=False)
         torch.save({"mean": mean, "losses": losses, "weights": weights, "resumed": resumed,
-                    "synced": synced, "noisy": {k: v.detach().clone() for k, v in noisy.state_dict().items()}},
+                    "synced": synced, "noisy": {k: v.detach().clone() for k, v in noisy.state_dict().items()},
+                    "val": val, "ae": {k: summary[k] for k in METRICS + ("steps",)}},
                    os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist_utils.cleanup()
@@ -142,7 +179,7 @@ def test_sharded_epoch_sampler_slices_one_global_order():
 
 
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
-    out_dirs = [str(tmp_path / name) for name in ("ddp0", "ddp1", "shared", "noisy")]
+    out_dirs = [str(tmp_path / name) for name in ("ddp0", "ddp1", "shared", "noisy", "val", "ae")]
     result_dir = str(tmp_path / "results")
     os.makedirs(result_dir)
     mp.spawn(_worker, args=(2, _free_port(), out_dirs, result_dir), nprocs=2, join=True)
@@ -174,3 +211,20 @@ def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path):
     with open(os.path.join(out_dirs[0], "metrics.csv"), newline="") as fh:
         logged = [float(row["loss"]) for row in csv.DictReader(fh) if row.get("loss")]
     torch.testing.assert_close(torch.tensor(logged), torch.tensor(single_losses), rtol=1e-5, atol=1e-7)
+    # validation: each rank evaluated its share, the reduced sums give one process's results (noise per batch too)
+    single_val = validation(str(tmp_path / "single_val")), validation(str(tmp_path / "single_val"), noisy=True)
+    for r in ranks:
+        for got, want in zip(r["val"], single_val):
+            assert abs(got["val_loss"] - want["val_loss"]) <= 1e-6 * max(1.0, abs(want["val_loss"]))
+    # the autoencoder experiment under DDP: rank 0 wrote its files, both ranks report one process's results
+    single = run_experiment("autoencoder", autoencoder_experiment(4), str(tmp_path / "ae_single"), progress=False)
+    for r in ranks:
+        assert r["ae"]["steps"] == single["steps"] == 4
+        for key in METRICS:
+            assert r["ae"][key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+    for name in ("autoencoder.safetensors", "reconstructions.png", "config.yaml", "metrics.csv"):
+        assert os.path.isfile(os.path.join(out_dirs[5], name)), name
+    ddp_model = Autoencoder.from_checkpoint(os.path.join(out_dirs[5], "autoencoder.safetensors"))
+    single_model = Autoencoder.from_checkpoint(single["checkpoint"])
+    for (name, a), b in zip(ddp_model.state_dict().items(), single_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -2,7 +2,6 @@
 the seed's example and 512x512 workload match the seed; `--set` overrides parse, merge and fail with named keys."""
 import copy
 import re
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -14,27 +13,24 @@ from layoutgen.models.autoencoder import Autoencoder
 from layoutgen.models.datasets.synthetic import SyntheticLayoutDataset
 from layoutgen.models.losses.base_loss import build_loss
 from layoutgen.training.experiment import AutoencoderExperiment, load_experiment, merge, parse_overrides
+from layoutgen.training.quickstart import load_quickstart_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The autoencoder experiments (the diffusion and ControlNet configs are checked in test_controlnet_diffusion.py).
 EXPERIMENTS = sorted((REPO / "experiments").glob("autoencoder_*.yaml"))
-QUICKSTART = resources.files("layoutgen.training").joinpath("quickstart.yaml")
 SEED_DOC_CANDIDATES = [root / "shared" / "seed" / "models-module.md" for root in (REPO, REPO.parent)]
 CHECK_SIZE = 64  # small enough for a CPU forward pass of the 512x512 configs' models
-
-
-@pytest.fixture(scope="module")
-def quickstart_path():
-    with resources.as_file(QUICKSTART) as path:
-        yield str(path)
 
 
 def _all_configs() -> list:
     return [pytest.param(str(p), id=p.name) for p in EXPERIMENTS] + [pytest.param("quickstart", id="quickstart.yaml")]
 
 
-def _resolve(path: str, quickstart_path: str) -> str:
-    return quickstart_path if path == "quickstart" else path
+def _load(path: str) -> AutoencoderExperiment:
+    """An autoencoder experiment YAML, or the quickstart's autoencoder stage (as it trains on its manifest)."""
+    if path == "quickstart":
+        return load_quickstart_config().autoencoder_experiment("data/manifest.csv")
+    return load_experiment(path)
 
 
 def test_the_experiments_folder_holds_the_documented_configs():
@@ -43,20 +39,20 @@ def test_the_experiments_folder_holds_the_documented_configs():
 
 
 @pytest.mark.parametrize("path", _all_configs())
-def test_config_loads_and_builds(path, quickstart_path):
-    exp = load_experiment(_resolve(path, quickstart_path))
+def test_config_loads_and_builds(path):
+    exp = _load(path)
     assert isinstance(exp, AutoencoderExperiment)
     model = Autoencoder.from_config(exp.autoencoder)
     assert model.num_parameters() > 0
     loss_fn = build_loss(exp.loss)
     assert len(list(loss_fn.children())) >= 1
-    # The config round-trips: what train_autoencoder writes as config.yaml re-loads to an equal experiment.
+    # The config round-trips: what run_experiment writes as config.yaml re-loads to an equal experiment.
     assert AutoencoderExperiment.from_dict(yaml.safe_load(exp.to_yaml())) == exp
 
 
 @pytest.mark.parametrize("path", _all_configs())
-def test_loss_accepts_the_models_outputs_at_64(path, quickstart_path):
-    exp = load_experiment(_resolve(path, quickstart_path))
+def test_loss_accepts_the_models_outputs_at_64(path):
+    exp = _load(path)
     torch.manual_seed(0)
     model = Autoencoder.from_config(exp.autoencoder)
     loss_fn = build_loss(exp.loss)

@@ -14,17 +14,8 @@ from layoutgen.models.losses.base_loss import build_loss
 from layoutgen.training.checkpointing import load_training_state, read_training_metadata
 from layoutgen.training.trainer import EpochSampler, Trainer, TrainerConfig
 
-CODEC = dict(latent_channels=4, base_channels=8, norm_groups=4)
-HEADS = [
-    {"type": "RGBHead", "name": "rgb", "out_channels": 3},
-    {"type": "SegmentationHead", "name": "segmentation", "num_classes": 11},
-    {"type": "ClassificationHead", "name": "classification", "num_classes": 4},
-]
-LOSS = [
-    {"type": "MSELoss", "key": "rgb", "target": "rgb"},
-    {"type": "CrossEntropyLoss", "key": "segmentation", "target": "segmentation", "weight": 0.05},
-    {"type": "CrossEntropyLoss", "key": "classification", "target": "label", "weight": 0.01},
-]
+from tiny_configs import CODEC, HEADS, LOSS
+
 UNET = dict(in_channels=4, base_channels=8, depth=2, num_res_blocks=1, time_dim=16, norm_groups=4, num_heads=2,
             num_classes=3)
 BASE = dict(device="cpu", warmup_steps=1, lr=1e-3, log_every=1)

@@ -1,5 +1,5 @@
-"""The autoencoder training loop on a tiny experiment: what it writes, what it returns, steps, NaN skipping, the LR
-schedule, the train/validation split, evaluation and AMP."""
+"""Autoencoder experiments through run_experiment (the Trainer) on a tiny experiment: what a run writes, what it
+returns, steps, NaN skipping, the LR schedule, the train/validation split, evaluation and AMP."""
 import copy
 import csv
 import math
@@ -10,13 +10,13 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import layoutgen.training.autoencoder as training
+import layoutgen.training.run as run_module
 from layoutgen import metrics
 from layoutgen.models.autoencoder import Autoencoder
 from layoutgen.models.datasets.synthetic import SyntheticLayoutDataset
-from layoutgen.training.autoencoder import (CHECKPOINT_NAME, evaluate, split_indices, train_autoencoder,
-                                            warmup_cosine)
+from layoutgen.training.autoencoder import CHECKPOINT_NAME, evaluate, split_indices, warmup_cosine
 from layoutgen.training.experiment import AutoencoderExperiment, load_experiment
+from layoutgen.training.run import run_experiment
 
 CODEC = dict(latent_channels=4, base_channels=8, norm_groups=4)
 HEADS = [
@@ -40,6 +40,10 @@ TINY = {
     "data": {"num_samples": 12, "image_size": 32, "val_fraction": 0.1},
     "training": {"epochs": 2, "batch_size": 4, "max_steps": 3, "warmup_steps": 1, "log_every": 2, "device": "cpu"},
 }
+
+
+def train_autoencoder(experiment: dict, out_dir: str, progress: bool = False) -> dict:
+    return run_experiment("autoencoder", AutoencoderExperiment.from_dict(experiment), out_dir, progress=progress)
 
 
 def tiny(**sections) -> dict:
@@ -78,6 +82,7 @@ def test_run_writes_metrics_csv(run):
     out, results = run
     with open(out / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
+    rows = [r for r in rows if r.get("loss")]   # training rows (the others: validation at each epoch's end)
     assert rows, "metrics.csv has no rows"
     assert {"step", "loss", "lr"} <= set(rows[0])
     # log_every=2 and the last step: rows at steps 2 and 3
@@ -135,7 +140,7 @@ def test_max_steps_cuts_within_the_first_epoch(tmp_path):
 # ------------------------------------------------------------------------------------------------------ NaN losses
 def _nan_on_calls(monkeypatch, bad_calls: set):
     """Makes the loss NaN on the given (0-based) training calls; returns the list of call indices seen."""
-    real_build_loss = training.build_loss
+    real_build_loss = run_module.build_loss
     seen = []
 
     class NanOnSomeCalls(torch.nn.Module):
@@ -145,13 +150,15 @@ def _nan_on_calls(monkeypatch, bad_calls: set):
 
         def forward(self, outputs, batch):
             total, logs = self.inner(outputs, batch)
+            if not torch.is_grad_enabled():   # a validation call (no_grad), not a training step
+                return total, logs
             call = len(seen)
             seen.append(call)
             if call in bad_calls:
                 total = total * float("nan")
             return total, logs
 
-    monkeypatch.setattr(training, "build_loss", lambda config: NanOnSomeCalls(real_build_loss(config)))
+    monkeypatch.setattr(run_module, "build_loss", lambda config: NanOnSomeCalls(real_build_loss(config)))
     return seen
 
 

@@ -1,8 +1,8 @@
-"""Trains the autoencoder on the built-in synthetic layouts, then evaluates and saves it.
+"""Training helpers shared by the Trainer and the experiments: device and AMP choice, the LR schedule, the train/val
+split, batches to the device, metrics.csv, and the autoencoder's validation metrics (`evaluate`, built on sums
+that add up over batches and DDP ranks).
 
-The loop: AdamW, linear warmup then cosine decay, gradient clipping, optional AMP (bf16, or fp16 with a GradScaler
-on CUDA) and channels_last. A non-finite loss skips its step instead of corrupting the weights. Everything written
-to the output folder (checkpoint, metrics, config, image grid) is written atomically.
+Autoencoder experiments train through `layoutgen.training.run.run_experiment("autoencoder", ...)` (the Trainer).
 """
 from __future__ import annotations
 
@@ -10,24 +10,38 @@ import contextlib
 import csv
 import io
 import math
-import os
-import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
-from layoutgen import metrics
+from layoutgen.config import Config, option
 from layoutgen.models.autoencoder import Autoencoder
-from layoutgen.models.datasets.synthetic import SyntheticLayoutDataset
-from layoutgen.models.losses.base_loss import build_loss
-from layoutgen.training.experiment import AutoencoderExperiment
-from layoutgen.training.images import save_reconstruction_grid
 from layoutgen.utils.atomic import atomic_write_text
 
 CHECKPOINT_NAME = "autoencoder.safetensors"
+
+
+@dataclass
+class TrainingConfig(Config):
+    """The options every training run has (TrainerConfig in trainer.py adds the trainer's own)."""
+    section = "training"
+
+    epochs: int = option(10, min=1)
+    max_steps: int | None = option(None, min=1, doc="stop after this many optimizer steps")
+    batch_size: int = option(16, min=1)
+    lr: float = option(2e-3, min=0.0)
+    weight_decay: float = option(0.0, min=0.0)
+    warmup_steps: int = option(20, min=0)
+    grad_clip: float | None = option(1.0, min=0.0, doc="max gradient norm; null disables clipping")
+    amp: str = option("none", choices=("none", "bf16", "fp16"), doc="fp16 needs CUDA (it uses a GradScaler)")
+    channels_last: bool = option(False)
+    seed: int = option(0, min=0)
+    num_workers: int = option(0, min=0)
+    device: str = option("auto", doc="auto (CUDA when present), cpu, cuda, cuda:N")
+    log_every: int = option(10, min=1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,130 +93,99 @@ def to_device(batch: Mapping[str, Any], device: torch.device, channels_last: boo
     return out
 
 
+HEAD_TARGETS = {"RGBHead": "rgb", "SegmentationHead": "segmentation", "ClassificationHead": "label"}
+
+
+def head_kinds(model: Any) -> dict[str, str] | None:
+    """{head name: head type} of a model with decoder heads (an Autoencoder), else None."""
+    decoder = getattr(getattr(model, "cfg", None), "decoder", None)
+    return None if decoder is None else {h["name"]: h["type"] for h in decoder.heads}
+
+
+def metric_sizes(model: Any) -> dict[str, int]:
+    """{head name: length of its `metric_sums` vector}, from the model's config (so known without a batch)."""
+    return {h["name"]: 2 + 2 * int(h["num_classes"]) if h["type"] == "SegmentationHead" else 2
+            for h in model.cfg.decoder.heads}
+
+
+def metric_sums(heads: Mapping[str, str], outputs: Mapping[str, torch.Tensor],
+                batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """One batch's float64 sums behind the metrics of `evaluate`, per head (added up over batches and ranks).
+
+    Sums, not per-batch metrics, so that any split of the data (batches, DDP ranks) gives the metrics of the whole:
+    rgb: [squared error, values]; segmentation: [correct, pixels, intersection per class..., union per class...];
+    classification: [correct, samples].
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for name, kind in heads.items():
+        target = batch.get(HEAD_TARGETS[kind])
+        if target is None:
+            continue
+        pred = outputs[name].detach()
+        if kind == "RGBHead":
+            error = ((pred.double().clamp(-1.0, 1.0) - target.double()) ** 2).sum()   # clamped as metrics.psnr
+            sums[name] = torch.stack([error, error.new_tensor(float(target.numel()))])
+        elif kind == "SegmentationHead":
+            num_classes = pred.shape[1]
+            predicted, target = pred.argmax(dim=1).reshape(-1), target.reshape(-1).to(pred.device)
+            hit = predicted == target
+            correct = hit.sum().double()
+            # per class k: |pred == k|, |target == k| and |both|; targets outside 0..K-1 only count as misses
+            in_range = (target >= 0) & (target < num_classes)
+            predicted_count = torch.bincount(predicted, minlength=num_classes).double()
+            target_count = torch.bincount(target[in_range], minlength=num_classes)[:num_classes].double()
+            intersection = torch.bincount(predicted[hit], minlength=num_classes).double()
+            union = predicted_count + target_count - intersection
+            sums[name] = torch.cat([torch.stack([correct, correct.new_tensor(float(target.numel()))]),
+                                    intersection, union])
+        else:
+            correct = (pred.argmax(dim=1) == target.to(pred.device)).sum().double()
+            sums[name] = torch.stack([correct, correct.new_tensor(float(target.numel()))])
+    return sums
+
+
+def add_sums(total: dict[str, torch.Tensor], sums: Mapping[str, torch.Tensor]) -> None:
+    for name, value in sums.items():
+        total[name] = total[name] + value if name in total else value.clone()
+
+
+def metrics_from_sums(heads: Mapping[str, str], sums: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """The metrics (rgb PSNR, segmentation accuracy and mIoU, class accuracy) of the summed `metric_sums`."""
+    results: dict[str, float] = {}
+    for name, kind in heads.items():
+        if name not in sums:
+            continue
+        values = sums[name].double().cpu()
+        if kind == "RGBHead":
+            mse = (values[0] / values[1]).item() if values[1] > 0 else math.nan
+            results[f"{name}_psnr"] = math.inf if mse == 0 else 10.0 * math.log10(2.0 ** 2 / mse)  # range [-1, 1]
+        elif kind == "SegmentationHead":
+            results[f"{name}_pixel_accuracy"] = (values[0] / values[1]).item() if values[1] > 0 else math.nan
+            k = (len(values) - 2) // 2
+            intersection, union = values[2:2 + k], values[2 + k:]
+            present = union > 0   # classes in the prediction or the target, as metrics.mean_iou
+            results[f"{name}_mean_iou"] = ((intersection[present] / union[present]).mean().item()
+                                           if present.any() else math.nan)
+        else:
+            results[f"{name}_accuracy"] = (values[0] / values[1]).item() if values[1] > 0 else math.nan
+    return results
+
+
 @torch.no_grad()
 def evaluate(model: Autoencoder, loader: DataLoader, device: torch.device, amp: str = "none",
              channels_last: bool = False) -> dict[str, float]:
     """Validation metrics of every head the model has: rgb PSNR, segmentation accuracy and mIoU, class accuracy."""
     was_training = model.training
     model.eval()
-    outputs: dict[str, list[torch.Tensor]] = {}
-    targets: dict[str, list[torch.Tensor]] = {}
-    heads = {h["name"]: h["type"] for h in model.cfg.decoder.heads}
+    heads = head_kinds(model)
+    total: dict[str, torch.Tensor] = {}
     for batch in loader:
         batch = to_device(batch, device, channels_last)
         with autocast_context(amp, device):
             out = model(batch["rgb"])
-        for name, kind in heads.items():
-            target_key = {"RGBHead": "rgb", "SegmentationHead": "segmentation", "ClassificationHead": "label"}[kind]
-            if target_key in batch:
-                outputs.setdefault(name, []).append(out[name].float().cpu())
-                targets.setdefault(name, []).append(batch[target_key].cpu())
+        add_sums(total, metric_sums(heads, {k: v.float() for k, v in out.items()}, batch))
     model.train(was_training)
-    results: dict[str, float] = {}
-    for name, kind in heads.items():
-        if name not in outputs:
-            continue
-        pred, target = torch.cat(outputs[name]), torch.cat(targets[name])
-        if kind == "RGBHead":
-            results[f"{name}_psnr"] = metrics.psnr(pred, target.float())
-        elif kind == "SegmentationHead":
-            results[f"{name}_pixel_accuracy"] = metrics.pixel_accuracy(pred, target)
-            results[f"{name}_mean_iou"] = metrics.mean_iou(pred, target)
-        else:
-            results[f"{name}_accuracy"] = metrics.accuracy(pred, target)
-    return results
-
-
-def train_autoencoder(experiment: AutoencoderExperiment | Mapping[str, Any], out_dir: str,
-                      progress: bool = True) -> dict[str, Any]:
-    """Runs one experiment; writes checkpoint, metrics.csv, config.yaml and reconstructions.png to out_dir.
-
-    Returns the final validation metrics plus "steps", "skipped_steps", "seconds" and "checkpoint".
-    """
-    exp = AutoencoderExperiment.from_dict(experiment)
-    train_cfg, data_cfg = exp.training, exp.data
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, "config.yaml"), exp.to_yaml())
-    torch.manual_seed(train_cfg.seed)
-    device = resolve_device(train_cfg.device)
-
-    dataset = SyntheticLayoutDataset(data_cfg.num_samples, size=data_cfg.image_size, seed=data_cfg.seed,
-                                     empty_prob=data_cfg.empty_prob)
-    train_idx, val_idx = split_indices(len(dataset), data_cfg.val_fraction, data_cfg.seed)
-    loader_args = dict(batch_size=train_cfg.batch_size, num_workers=train_cfg.num_workers,
-                       pin_memory=device.type == "cuda")
-    train_loader = DataLoader(Subset(dataset, train_idx), shuffle=True, drop_last=len(train_idx) > train_cfg.batch_size,
-                              generator=torch.Generator().manual_seed(train_cfg.seed), **loader_args)
-    val_loader = DataLoader(Subset(dataset, val_idx or train_idx[: train_cfg.batch_size]), **loader_args)
-
-    model = Autoencoder.from_config(exp.autoencoder).to(device)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = build_loss(exp.loss).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    total_steps = train_cfg.epochs * len(train_loader)
-    if train_cfg.max_steps is not None:
-        total_steps = min(total_steps, train_cfg.max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train_cfg.warmup_steps, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=train_cfg.amp == "fp16")
-
-    history: list[dict[str, Any]] = []
-    step, skipped, samples = 0, 0, 0
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="autoencoder", disable=not progress, dynamic_ncols=True)
-    model.train()
-    while step < total_steps:
-        for batch in train_loader:
-            if step >= total_steps:
-                break
-            batch = to_device(batch, device, train_cfg.channels_last)
-            with autocast_context(train_cfg.amp, device):
-                out = model(batch["rgb"])
-            loss, logs = loss_fn(out, batch)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                # A non-finite loss would poison the weights and the optimizer state: skip the step.
-                skipped += 1
-                step += 1
-                bar.update(1)
-                continue
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or math.inf)
-            if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-                # A finite loss can still give non-finite gradients; skip them too. (With fp16 the GradScaler
-                # skips such steps itself and lowers its scale.)
-                skipped += 1
-                step += 1
-                bar.update(1)
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            samples += batch["rgb"].shape[0]
-            elapsed = time.perf_counter() - start
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                row = {"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed,
-                       **{k: float(v) for k, v in logs.items()}}
-                history.append(row)
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", sps=f"{row['samples_per_s']:.1f}")
-            bar.update(1)
-    bar.close()
-
-    results: dict[str, Any] = evaluate(model, val_loader, device, train_cfg.amp, train_cfg.channels_last)
-    checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
-    model.save_checkpoint(checkpoint, metadata={"steps": str(step)})
-    write_history(os.path.join(out_dir, "metrics.csv"), history)
-    model.eval()
-    preview = next(iter(val_loader))
-    with torch.no_grad(), autocast_context(train_cfg.amp, device):
-        out = model(to_device(preview, device, train_cfg.channels_last)["rgb"])
-    save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), preview["rgb"],
-                             {k: v.float().cpu() for k, v in out.items()}, model.cfg.decoder.heads)
-    results.update(steps=step, skipped_steps=skipped, seconds=time.perf_counter() - start, checkpoint=checkpoint)
-    return results
+    return metrics_from_sums(heads, total)
 
 
 def write_history(path: str, history: list[dict[str, Any]]) -> None:

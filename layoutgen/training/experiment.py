@@ -1,13 +1,18 @@
-"""The autoencoder experiment config: model, losses, data and training settings in one validated YAML document.
+"""The experiment configs: the autoencoder experiment, the data sections and the trainer's settings.
 
     autoencoder: {encoder: {...}, decoder: {...}}      # layoutgen.models.autoencoder.AutoencoderConfig
     loss: [{type: MSELoss, key: rgb, target: rgb}]       # layoutgen.models.losses.base_loss.build_loss
-    data: {num_samples: 512, image_size: 64}            # the built-in synthetic layouts
-    training: {epochs: 10, batch_size: 16, lr: 2e-3}
+    data: {num_samples: 512, image_size: 64}            # the built-in synthetic layouts, or
+    data: {manifest: data/synth/manifest.csv, loader: dali}   # a manifest (ManifestDataConfig keys + loader)
+    training: {epochs: 10, batch_size: 16, lr: 2e-3}   # TrainerConfig
+
+TrainerConfig (layoutgen.training.trainer) extends TrainingConfig (layoutgen.training.autoencoder); neither module
+imports this one, so every experiment class can use TrainerConfig.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +20,10 @@ import yaml
 
 from layoutgen.config import Config, load_yaml, option
 from layoutgen.models.autoencoder import AutoencoderConfig
+from layoutgen.models.datasets.datasets import ManifestDataConfig
 from layoutgen.models.losses.base_loss import build_loss
+from layoutgen.training.autoencoder import TrainingConfig  # noqa: F401  (re-exported: its home used to be here)
+from layoutgen.training.trainer import TrainerConfig
 
 DEFAULT_LOSS = [{"type": "MSELoss", "key": "rgb", "target": "rgb", "weight": 1.0}]
 
@@ -32,30 +40,41 @@ class SyntheticDataConfig(Config):
 
 
 @dataclass
-class TrainingConfig(Config):
-    section = "training"
+class ManifestExperimentData(ManifestDataConfig):
+    """An experiment's manifest data section: ManifestDataConfig plus which loader reads the training batches."""
+    section = "data"
 
-    epochs: int = option(10, min=1)
-    max_steps: int | None = option(None, min=1, doc="stop after this many optimizer steps")
-    batch_size: int = option(16, min=1)
-    lr: float = option(2e-3, min=0.0)
-    weight_decay: float = option(0.0, min=0.0)
-    warmup_steps: int = option(20, min=0)
-    grad_clip: float | None = option(1.0, min=0.0, doc="max gradient norm; null disables clipping")
-    amp: str = option("none", choices=("none", "bf16", "fp16"), doc="fp16 needs CUDA (it uses a GradScaler)")
-    channels_last: bool = option(False)
-    seed: int = option(0, min=0)
-    num_workers: int = option(0, min=0)
-    device: str = option("auto", doc="auto (CUDA when present), cpu, cuda, cuda:N")
-    log_every: int = option(10, min=1)
+    loader: str = option("torch", choices=("torch", "dali"),
+                         doc="training batches from a torch DataLoader or NVIDIA DALI (validation: always torch)")
+    dali_threads: int = option(2, min=1, doc="DALI CPU threads (loader: dali)")
+
+
+def check_data(data: Any) -> SyntheticDataConfig | ManifestExperimentData:
+    """The data section: a ManifestExperimentData when it names a manifest, else a SyntheticDataConfig."""
+    if isinstance(data, (SyntheticDataConfig, ManifestExperimentData)):
+        return data
+    if isinstance(data, Mapping) and "manifest" in data:
+        # "all" is the field's default, which a saved config.yaml carries; any other split is the loaders' to set
+        if data.get("split", "all") != "all":
+            raise ValueError("data.split: set per loader (train/val); leave this key out")
+        return ManifestExperimentData.from_dict(data, where="data")
+    return SyntheticDataConfig.from_dict(data, where="data")
 
 
 @dataclass
 class AutoencoderExperiment(Config):
     autoencoder: AutoencoderConfig = option(AutoencoderConfig)
     loss: list[dict[str, Any]] = option(DEFAULT_LOSS)
-    data: SyntheticDataConfig = option(SyntheticDataConfig)
-    training: TrainingConfig = option(TrainingConfig)
+    data: SyntheticDataConfig | ManifestExperimentData = option(SyntheticDataConfig)
+    training: TrainerConfig = option(TrainerConfig)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | None = None) -> AutoencoderExperiment:
+        # The data section is one of two configs; choosing it here (by the manifest key) keeps the error messages
+        # of the chosen one ("data.image_sise: unknown key") instead of a union's vague "invalid value".
+        if isinstance(data, Mapping) and not isinstance(data, Config) and "data" in data:
+            data = {**data, "data": check_data(data["data"])}
+        return super().from_dict(data, where)
 
     def validate(self, where: str) -> None:
         if not self.loss:

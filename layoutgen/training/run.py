@@ -1,17 +1,19 @@
-"""Diffusion and ControlNet experiments, and running any experiment kind through the Trainer.
+"""Diffusion and ControlNet experiments, and running any experiment kind (autoencoder too) through the Trainer.
 
     diffusion: {...}               # DiffusionConfig (or controlnet_diffusion: {...}, ControlNetDiffusionConfig)
     data: {num_samples: 512, image_size: 64}        # the built-in synthetic layouts (SyntheticDataConfig), or
-    data: {manifest: data/lat/manifest.csv, ...}    # a manifest (ManifestDataConfig keys; split is set per loader)
+    data: {manifest: data/lat/manifest.csv, ...}    # a manifest (ManifestDataConfig keys; split is set per loader;
+                                                    #   loader: torch|dali for the training batches)
     training: {epochs: 10, batch_size: 16, ...}     # TrainerConfig
 
 Synthetic layouts (and manifests without latent_path) give images under "rgb" that the model encodes on the fly
 through its frozen autoencoder (`autoencoder_checkpoint`); a manifest with latent_path gives pre-embedded latents.
 `run_experiment(kind, experiment, out_dir, resume=...)` trains and saves `<kind>.safetensors` in out_dir, beside
-the trainer's checkpoints/ and metrics.csv.
+the trainer's checkpoints/ and metrics.csv (AutoencoderExperiment, in experiment.py, for kind "autoencoder").
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,22 +23,14 @@ from torch.utils.data import DataLoader, Subset
 
 from layoutgen.config import Config, option
 from layoutgen.models.controlnet_diffusion import ControlNetDiffusionConfig
-from layoutgen.models.datasets.datasets import ManifestDataConfig
 from layoutgen.models.diffusion import DiffusionConfig
-from layoutgen.training.experiment import SyntheticDataConfig
+from layoutgen.models.losses.base_loss import build_loss
+from layoutgen.training import distributed as dist_utils
+from layoutgen.training.experiment import ManifestExperimentData, SyntheticDataConfig, check_data  # noqa: F401
 from layoutgen.training.trainer import TrainerConfig
 from layoutgen.utils.atomic import atomic_write_text
 
 KINDS = {"autoencoder": "autoencoder", "diffusion": "diffusion", "controlnet_diffusion": "controlnet"}
-
-
-def check_data(data: dict[str, Any]) -> Config:
-    """The data section: a ManifestDataConfig when it names a manifest, else a SyntheticDataConfig."""
-    if isinstance(data, dict) and "manifest" in data:
-        if "split" in data:
-            raise ValueError("data.split: set per loader (train/val); leave this key out")
-        return ManifestDataConfig.from_dict(data, where="data")
-    return SyntheticDataConfig.from_dict(data, where="data")
 
 
 @dataclass
@@ -66,8 +60,15 @@ def _check_file(path: str | None, key: str) -> None:
         raise FileNotFoundError(f"{key}: file not found: {path}")
 
 
-def build_loaders(data: Config, training: TrainerConfig, kind: str) -> tuple[DataLoader, DataLoader | None]:
-    """Training and validation loaders for a diffusion or ControlNet experiment."""
+def build_loaders(data: Config, training: TrainerConfig, kind: str) -> tuple[Any, DataLoader | None]:
+    """Training and validation loaders of an experiment of `kind` ("autoencoder", "diffusion" or "controlnet").
+
+    Synthetic data: DataLoaders over a seeded train/val split (the Trainer re-seeds the training order per epoch).
+    A manifest: the training loader is build_torch_loader's, or the DALI loader with `data.loader: dali` (both
+    shard themselves under torch.distributed and apply weighted_sampling); validation is a plain sequential
+    DataLoader (the Trainer gives each rank its share of its batches). Autoencoders read the ManifestDataset's
+    default outputs (rgb, plus segmentation and label where the manifest has them).
+    """
     loader_args = dict(batch_size=training.batch_size, num_workers=training.num_workers)
     if isinstance(data, SyntheticDataConfig):
         from layoutgen.models.datasets.synthetic import SyntheticLayoutDataset
@@ -82,11 +83,13 @@ def build_loaders(data: Config, training: TrainerConfig, kind: str) -> tuple[Dat
         val = DataLoader(Subset(dataset, val_idx), **loader_args) if val_idx else None
         return train, val
 
+    from layoutgen.models.datasets.collate import collate_dicts
     from layoutgen.models.datasets.datasets import ManifestDataset, build_torch_loader, read_manifest
 
     cfg = data.to_dict()
+    loader_kind, dali_threads = cfg.pop("loader", "torch"), cfg.pop("dali_threads", 2)  # not ManifestDataset keys
     _check_file(cfg["manifest"], "data.manifest")
-    if cfg.get("outputs") is None:
+    if cfg.get("outputs") is None and kind != "autoencoder":
         columns = set(read_manifest(cfg["manifest"]).columns)
         outputs = ["latent" if "latent_path" in columns else "rgb"]
         if "type" in columns:
@@ -94,55 +97,118 @@ def build_loaders(data: Config, training: TrainerConfig, kind: str) -> tuple[Dat
         if kind == "controlnet":
             outputs.append("control")
         cfg["outputs"] = outputs
-    train_set = ManifestDataset.from_config(cfg, split="train" if cfg["val_fraction"] > 0 else "all")
-    train = build_torch_loader(train_set, training.batch_size, shuffle=True, num_workers=training.num_workers,
-                               seed=training.seed, weighted=data.weighted_sampling, power=data.sampling_power)
+    train_split = "train" if cfg["val_fraction"] > 0 else "all"
+    if loader_kind == "dali":
+        from layoutgen.models.datasets.dali import build_dali_loader
+        from layoutgen.training.autoencoder import resolve_device
+
+        device = resolve_device(training.device)
+        train = build_dali_loader({**cfg, "split": train_split}, training.batch_size, shuffle=True,
+                                  seed=training.seed, num_threads=dali_threads,
+                                  device="gpu" if device.type == "cuda" else "cpu", device_id=device.index)
+    else:
+        train_set = ManifestDataset.from_config(cfg, split=train_split)
+        train = build_torch_loader(train_set, training.batch_size, shuffle=True, num_workers=training.num_workers,
+                                   seed=training.seed, weighted=data.weighted_sampling, power=data.sampling_power)
     val = None
     if cfg["val_fraction"] > 0:
         val_set = ManifestDataset.from_config(cfg, split="val")
         if len(val_set):
-            val = build_torch_loader(val_set, training.batch_size, shuffle=False, num_workers=training.num_workers)
+            val = DataLoader(val_set, shuffle=False, collate_fn=collate_dicts, **loader_args)
     return train, val
 
 
-def run_experiment(kind: str, experiment: Config, out_dir: str, resume: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Trains a diffusion or ControlNet experiment with the Trainer; returns the trainer's summary + "checkpoint"."""
+def _first_items(loader: Any, count: int) -> DataLoader:
+    """A DataLoader over the first `count` items of `loader`'s dataset (metrics when there is no validation split)."""
+    from layoutgen.models.datasets.collate import collate_dicts
+
+    dataset = loader.dataset
+    collate = loader.collate_fn if isinstance(loader, DataLoader) else collate_dicts
+    return DataLoader(Subset(dataset, range(min(count, len(dataset)))), batch_size=count, collate_fn=collate)
+
+
+def _build_model(kind: str, experiment: Config) -> tuple[Any, Any]:
+    """(model, loss_fn or None) of an experiment, after checking the files it names."""
+    if kind == "autoencoder":
+        from layoutgen.models.autoencoder import Autoencoder
+        return Autoencoder.from_config(experiment.autoencoder), build_loss(experiment.loss)
     from layoutgen.models.controlnet_diffusion import ControlNetDiffusion
     from layoutgen.models.diffusion import DiffusionModel
+
+    section = "diffusion" if kind == "diffusion" else "controlnet_diffusion"
+    model_cfg = getattr(experiment, section)
+    _check_file(model_cfg.autoencoder_checkpoint, f"{section}.autoencoder_checkpoint")
+    if kind == "controlnet":
+        _check_file(model_cfg.base_checkpoint, "controlnet_diffusion.base_checkpoint")
+    if isinstance(check_data(experiment.data), SyntheticDataConfig) and not model_cfg.autoencoder_checkpoint:
+        raise ValueError(f"{section}.autoencoder_checkpoint: needed to encode the synthetic images (or train from a "
+                         f"manifest with latent_path)")
+    return (DiffusionModel(model_cfg) if kind == "diffusion" else ControlNetDiffusion(model_cfg)), None
+
+
+def run_experiment(kind: str, experiment: Config, out_dir: str, resume: bool = False, progress: bool = True,
+                   stop_at_step: int | None = None) -> dict[str, Any]:
+    """Trains an experiment of `kind` ("autoencoder", "diffusion", "controlnet") with the Trainer.
+
+    Writes config.yaml, checkpoints/, metrics.csv and `<kind>.safetensors` (the EMA weights when EMA is on) to
+    out_dir; an autoencoder also gets reconstructions.png (input, reconstruction, segmentation of the first
+    validation batch). Returns the trainer's summary plus "checkpoint"; for an autoencoder also the final metrics
+    of the saved weights on the validation split (or the first training batch without one) under evaluate's keys
+    ("rgb_psnr", "segmentation_mean_iou", ...). `stop_at_step` stops after that step as an interruption would
+    (a checkpoint to resume from, no final files; "checkpoint" is then the latest training checkpoint).
+    Under torchrun every rank calls it; rank 0 writes the files.
+    """
     from layoutgen.training.trainer import Trainer
 
-    if kind == "diffusion":
-        model_cfg = experiment.diffusion
-        _check_file(model_cfg.autoencoder_checkpoint, "diffusion.autoencoder_checkpoint")
-    elif kind == "controlnet":
-        model_cfg = experiment.controlnet_diffusion
-        _check_file(model_cfg.autoencoder_checkpoint, "controlnet_diffusion.autoencoder_checkpoint")
-        _check_file(model_cfg.base_checkpoint, "controlnet_diffusion.base_checkpoint")
-    else:
-        raise ValueError(f"run_experiment: unknown kind {kind!r}")
+    if kind not in ("autoencoder", "diffusion", "controlnet"):
+        raise ValueError(f"run_experiment: unknown kind {kind!r}; expected autoencoder, diffusion or controlnet")
     data = check_data(experiment.data)
-    if isinstance(data, SyntheticDataConfig) and not model_cfg.autoencoder_checkpoint:
-        raise ValueError(f"{'diffusion' if kind == 'diffusion' else 'controlnet_diffusion'}.autoencoder_checkpoint: "
-                         f"needed to encode the synthetic images (or train from a manifest with latent_path)")
-    torch.manual_seed(experiment.training.seed)
-    model = DiffusionModel(model_cfg) if kind == "diffusion" else ControlNetDiffusion(model_cfg)
+    torch.manual_seed(experiment.training.seed)   # the initial weights depend on training.seed only
+    model, loss_fn = _build_model(kind, experiment)
     train, val = build_loaders(data, experiment.training, kind)
+    main = dist_utils.is_main()
     os.makedirs(out_dir, exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, "config.yaml"), experiment.to_yaml())
-    trainer = Trainer(model, None, train, val, config=experiment.training, out_dir=out_dir, resume=resume,
-                      progress=progress)
-    summary = trainer.fit()
-    checkpoint = os.path.join(out_dir, f"{kind}.safetensors")
+    if main:
+        atomic_write_text(os.path.join(out_dir, "config.yaml"), experiment.to_yaml())
+    from layoutgen.training.previews import preview_fn_for   # previews/epoch_XXXX.png (training.preview_every)
+    trainer = Trainer(model, loss_fn, train, val, config=experiment.training, out_dir=out_dir, resume=resume,
+                      progress=progress, preview_fn=(preview_fn_for(model, train, val)
+                                                     if experiment.training.preview_every else None))
+    summary = trainer.fit(stop_at_step=stop_at_step)
+    if summary.get("interrupted"):
+        summary.update(checkpoint=trainer.checkpoints.latest(), latest=trainer.checkpoints.latest())
+        return summary
     model = trainer.model
-    if trainer.ema is not None:
-        with trainer.ema.average_parameters(model):
+    checkpoint = os.path.join(out_dir, f"{kind}.safetensors")
+    if kind == "autoencoder":
+        # final metrics of the weights being saved (validate swaps in the EMA weights itself); collective under DDP
+        final = trainer.validate(val if val is not None else _first_items(train, experiment.training.batch_size))
+        summary.update(final)
+        summary.update({k[len("val_"):]: v for k, v in final.items() if k != "val_loss"})
+    if main:
+        with trainer.ema.average_parameters(model) if trainer.ema is not None else contextlib.nullcontext():
             model.save_checkpoint(checkpoint, metadata={"steps": str(trainer.step)})
-    else:
-        model.save_checkpoint(checkpoint, metadata={"steps": str(trainer.step)})
+            if kind == "autoencoder":
+                _save_reconstructions(trainer, val if val is not None else _first_items(train, 8), out_dir)
+    dist_utils.barrier()   # every rank returns once the files exist
     summary.update(checkpoint=checkpoint, latest=trainer.checkpoints.latest())
     return summary
 
+
+def _save_reconstructions(trainer: Any, loader: Any, out_dir: str) -> None:
+    """reconstructions.png: input, reconstruction and predicted segmentation of the first batch of `loader`."""
+    from layoutgen.training.autoencoder import autocast_context, to_device
+    from layoutgen.training.images import save_reconstruction_grid
+
+    model, cfg = trainer.model, trainer.cfg
+    was_training = model.training
+    model.eval()
+    preview = next(iter(loader))
+    with torch.no_grad(), autocast_context(cfg.amp, trainer.device):
+        out = model(to_device(preview, trainer.device, cfg.channels_last)[cfg.input_key])
+    model.train(was_training)
+    save_reconstruction_grid(os.path.join(out_dir, "reconstructions.png"), preview[cfg.input_key].float().cpu(),
+                             {k: v.float().cpu() for k, v in out.items()}, model.cfg.decoder.heads)
 
 
 # ---------------------------------------------------------------------------------------------------- sample, eval
@@ -201,12 +267,21 @@ def generate(model: Any, num: int, labels: list[int] | None = None, steps: int |
     from layoutgen.models.diffusion import DiffusionModel
 
     if isinstance(model, ControlNetDiffusion):
-        raise ValueError("--checkpoint: ControlNet checkpoints need control images; sampling them from the command "
-                         "line is not supported yet (use the base diffusion checkpoint)")
+        raise ValueError("--checkpoint: a ControlNet checkpoint needs control images: give --control (from Python: "
+                         "layoutgen.training.control_sampling.sample_with_control)")
     if not isinstance(model, DiffusionModel):
         raise ValueError(f"--checkpoint: holds a {type(model).__name__}, not a DiffusionModel")
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    return sample_in_batches(model, num, labels, steps, sampler, guidance, seed, device, batch_size)
+
+
+def sample_in_batches(model: Any, num: int, labels: list[int] | None, steps: int | None, sampler: str | None,
+                      guidance: float | None, seed: int, device: str, batch_size: int,
+                      control: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The sampling loop behind `generate` and ControlNet sampling (`control`: one control image per sample):
+    checks the steps and guidance, then draws `num` samples `batch_size` at a time from one seeded generator."""
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     label_tensor = sample_labels(model, num, labels)
@@ -220,8 +295,9 @@ def generate(model: Any, num: int, labels: list[int] | None = None, steps: int |
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         batch_labels = None if label_tensor is None else label_tensor[start:start + n]
+        extra = {} if control is None else {"control": control[start:start + n].to(device)}
         z = model.sample(n, device, num_steps=steps, sampler=sampler, guidance_scale=guidance, labels=batch_labels,
-                         generator=generator)
+                         generator=generator, **extra)
         latents.append(z.cpu())
         if model.autoencoder is not None:
             images.append(model.decode_to_image(z).float().cpu())

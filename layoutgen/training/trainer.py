@@ -8,13 +8,20 @@ One step function for every model kind: with a `loss_fn` the model is an autoenc
 `loss_fn(model(batch["rgb"]), batch) -> (loss, logs)`; without one the model supplies
 `model.training_loss(batch, generator) -> (loss, logs)` (DiffusionModel, ControlNetDiffusion). The generator is
 re-seeded from (seed, micro-batch number) before each call, so its draws need no saving to resume exactly.
+`layoutgen.training.run.run_experiment` builds the model, loss and loaders of each experiment kind for it
+(autoencoder: `build_loss(loss)` as loss_fn), so all three kinds resume and run under torchrun alike.
 
-AdamW on `model.trainable_parameters()` (frozen sub-models stay outside the optimizer; fused on CUDA), linear warmup
-then cosine decay, gradient clipping, gradient accumulation, AMP (bf16; fp16 with a GradScaler on CUDA only), EMA,
-non-finite loss/gradient steps skipped and counted (`max_nonfinite` in a row stop the run with a RuntimeError),
-validation each epoch (mean loss, plus the autoencoder's `evaluate` metrics) feeding the best checkpoint and early
-stopping, checkpoints through `CheckpointManager` (latest, best, every N steps), metrics.csv rewritten atomically at
-each log step, and a tqdm bar with the loss and samples/s.
+The optimizer (`optimizer`, see layoutgen.training.optimizers: AdamW, fused AdamW or apex FusedAdam) runs on
+`model.trainable_parameters()` (frozen sub-models stay outside it). `compile` (true or a torch.compile mode)
+compiles the model in place (`nn.Module.compile`), or its `training_loss` for models without a loss_fn, so
+state_dict keys and checkpoints are those of the plain model. Linear warmup then cosine decay, gradient clipping,
+gradient accumulation, AMP (bf16; fp16 with a GradScaler on CUDA only), EMA, non-finite loss/gradient steps skipped
+and counted (`max_nonfinite` in a row stop the run with a RuntimeError), validation each epoch (mean loss, plus the
+autoencoder's `evaluate` metrics) feeding the best checkpoint and early stopping, checkpoints through
+`CheckpointManager` (latest, best, every N steps), metrics.csv rewritten atomically at each log step,
+loss_curves.png redrawn at epoch ends (layoutgen.training.plots), previews/epoch_XXXX.png every `preview_every`
+epochs from the caller's `preview_fn` (layoutgen.training.previews), optional TensorBoard logging to
+out_dir/tensorboard (`tensorboard: true`), and a tqdm bar with the loss and samples/s.
 
 Resuming is exact: the training loader is rebuilt over an `EpochSampler` whose order depends only on (seed, epoch),
 and the checkpoint records how many batches of the current epoch were consumed, so a resumed run sees the same
@@ -22,21 +29,29 @@ remaining batches. With EMA on, the checkpoint's model weights are the EMA weigh
 with); the live weights travel inside the optimizer part (see `_OptimizerState`) so training continues from them.
 
 Distributed (DDP; launch with `torchrun`, initialise with `layoutgen.training.distributed.init_from_env()` before
-building the Trainer): when torch.distributed is initialised, `batch_size` is the per-rank batch, so the global batch
-is `batch_size * world_size`. Every rank draws the same per-epoch permutation and reads its strided slice
+building the Trainer): when torch.distributed is initialised, `batch_size` is the per-rank batch, so the global
+batch is `batch_size * world_size`. Every rank draws the same per-epoch permutation and reads its strided slice
 `order[rank::world]` (EpochSampler with `num_replicas`/`rank`; the order is padded by wrapping around to a multiple
-of the world size, as DistributedSampler does, so every rank runs the same number of steps). The model is not wrapped
-in DistributedDataParallel (`model.training_loss(...)` would bypass its forward); instead the gradients of the
-trainable parameters are averaged over the ranks with bucketed all_reduces after backward, before unscaling and
-clipping, which gives the same update as one process over the global batch for losses that are means over
-samples. Non-finite steps are skipped on all ranks together; the logged loss/metrics are the means over ranks and
-samples/s is the global rate. Validation runs the whole val_loader on every rank (same weights, same result).
-Only rank 0 writes checkpoints, metrics.csv and the progress bar, with a barrier after each checkpoint write;
-resume loads latest on every rank. A loader with a custom sampler is kept as given (shard it yourself, e.g. with
-`layoutgen.models.datasets.sampling.ShardedSampler`, which reads the rank from torch.distributed).
+of the world size, as DistributedSampler does, so every rank runs the same number of steps). The model is not
+wrapped in DistributedDataParallel (`model.training_loss(...)` would bypass its forward); instead the gradients of
+the trainable parameters are averaged over the ranks with bucketed all_reduces after backward, before unscaling and
+clipping, which gives the same update as one process over the global batch for losses that are means over samples.
+Non-finite steps are skipped on all ranks together; the logged loss/metrics are the means over ranks and samples/s
+is the global rate. Validation is split across the ranks by whole batches (rank r evaluates batches r, r + world,
+... of the val_loader, so per-batch validation noise is that of one process) and the sums behind the loss and the
+autoencoder metrics (squared errors, correct pixels, per-class intersections and unions) are all-reduced, so every
+rank gets the single-process values; a sequential DataLoader is rebuilt to load only its batches, any other
+val_loader is read whole on every rank (it must not be sharded already). Only rank 0 writes checkpoints, metrics.csv
+and the progress bar, with a barrier after each checkpoint write; resume loads latest on every rank. A loader with a
+custom sampler is kept as given (shard it yourself, e.g. with `layoutgen.models.datasets.sampling.ShardedSampler`,
+which reads the rank from torch.distributed): the manifest loaders (build_torch_loader's EpochDataLoader, with
+weighted sampling or not, and the DALI loader) are such loaders. Each epoch the Trainer calls the loader's
+`set_epoch` (else its batch sampler's or sampler's), and a resumed run skips the batches of the interrupted epoch
+already consumed by reading and dropping them, which is exact because their order depends on (seed, epoch) only.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
@@ -53,13 +68,19 @@ from tqdm.auto import tqdm
 
 from layoutgen.config import option
 from layoutgen.training import distributed as dist_utils
-from layoutgen.training.autoencoder import (write_history, autocast_context, evaluate, resolve_device, to_device,
-                                            warmup_cosine)
+from layoutgen.training.autoencoder import (TrainingConfig, add_sums, autocast_context, head_kinds, metric_sizes,
+                                            metric_sums, metrics_from_sums, resolve_device, to_device, warmup_cosine,
+                                            write_history)
 from layoutgen.training.checkpointing import CheckpointManager
 from layoutgen.training.ema import EMA
-from layoutgen.training.experiment import TrainingConfig
+from layoutgen.training.images import save_png
+from layoutgen.training.plots import PLOT_INTERVAL_S, TensorBoardLog, plot_history, require_tensorboard
+from layoutgen.training.previews import preview_image
+from layoutgen.training.optimizers import build_optimizer
 
-__all__ = ["EpochSampler", "Trainer", "TrainerConfig"]
+__all__ = ["COMPILE_MODES", "EpochSampler", "Trainer", "TrainerConfig"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -75,6 +96,21 @@ class TrainerConfig(TrainingConfig):
     keep_last: int | None = option(3, min=1, doc="step checkpoints kept (besides the best)")
     max_nonfinite: int = option(5, min=1, doc="stop after this many non-finite steps in a row")
     input_key: str = option("rgb", doc="batch key fed to model(...) when a loss_fn is given")
+    optimizer: str = option("auto", choices=("auto", "adamw", "fused_adamw", "apex_fused_adam"),
+                            doc="auto: apex FusedAdam on CUDA when apex imports, else fused AdamW on CUDA, AdamW on "
+                                "CPU")
+    compile: bool | str = option(False, doc=f"torch.compile the model: false, true or a mode {list(COMPILE_MODES)}")
+    # Previews need a preview_fn (run_experiment passes one); every epoch by default because one preview is a few
+    # DDIM steps on a handful of samples, cheap beside an epoch, and a person checks a run by its latest grid.
+    preview_every: int | None = option(1, min=1, doc="write previews/epoch_XXXX.png every N epochs (and after the "
+                                                      "last); null = never")
+    tensorboard: bool = option(False, doc="also log scalars and previews to out_dir/tensorboard (pip install "
+                                          "tensorboard)")
+
+    def validate(self, where: str) -> None:
+        if isinstance(self.compile, str) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"{where or 'training'}.compile: unknown mode {self.compile!r}; use false, true or one of "
+                             f"{list(COMPILE_MODES)}")
 
 
 class EpochSampler(Sampler[int]):
@@ -166,11 +202,13 @@ class Trainer:
         out_dir: where checkpoints/ and metrics.csv go.
         resume: continue from out_dir/checkpoints/latest.safetensors when it exists.
         progress: show the tqdm bar.
+        preview_fn: `preview_fn(model, epoch) -> {name: images [N, 3, H, W] in [-1, 1]}` or a PIL image, drawn to
+            previews/epoch_XXXX.png every `preview_every` epochs (see layoutgen.training.previews); None = no previews.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None, train_loader: Any, val_loader: Any = None, *,
                  config: TrainerConfig | Mapping[str, Any] | None = None, out_dir: str, resume: bool = False,
-                 progress: bool = True) -> None:
+                 progress: bool = True, preview_fn: Callable[[nn.Module, int], Any] | None = None) -> None:
         self.cfg: TrainerConfig = TrainerConfig.from_dict(config or {})
         cfg = self.cfg
         if loss_fn is None and not hasattr(model, "training_loss"):
@@ -205,8 +243,8 @@ class Trainer:
         params = (list(model.trainable_parameters()) if hasattr(model, "trainable_parameters")
                   else [p for p in model.parameters() if p.requires_grad])
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=self.device.type == "cuda")
+        self.optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay, self.device)
+        self._training_loss = self._compile() if cfg.compile else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            warmup_cosine(cfg.warmup_steps, self.total_steps))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -238,6 +276,14 @@ class Trainer:
             if steps[0].item() != -steps[1].item():
                 raise RuntimeError(f"Trainer: the ranks start from different steps ({-steps[1].item():.0f} to "
                                    f"{steps[0].item():.0f}); every rank needs the same out_dir to resume from")
+        self.preview_fn = preview_fn
+        self._plotted_at = time.monotonic()
+        self._tensorboard: TensorBoardLog | None = None
+        self._tensorboard_rows = len(self.history)   # resumed rows are in the earlier event files already
+        if cfg.tensorboard:   # every rank checks the install, so a missing package stops them all alike
+            require_tensorboard()
+            if self.is_main:
+                self._open_tensorboard()
         dist_utils.barrier()   # no rank starts writing while another still reads latest / cleans temp files
 
     # ------------------------------------------------------------------ state
@@ -297,10 +343,15 @@ class Trainer:
         if self._loader is not None:
             self._loader.sampler.set_epoch(epoch, start * self._loader.batch_size)
             return iter(self._loader)
-        sampler = getattr(self._given_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        return itertools.islice(iter(self._given_loader), start, None)
+        # The epoch's order: the loader's own set_epoch (EpochDataLoader, DaliLoader: their batch sampler, since a
+        # DataLoader built on a batch_sampler reports a default SequentialSampler as .sampler), else the sampler's.
+        loader = self._given_loader
+        for owner in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+            if callable(getattr(owner, "set_epoch", None)):
+                owner.set_epoch(epoch)
+                break
+        # resuming mid-epoch reads and drops the batches already consumed (the order depends on the epoch only)
+        return itertools.islice(iter(loader), start, None)
 
     # ------------------------------------------------------------------ one step
     def compute_loss(self, batch: Mapping[str, Any], seed: int | None = None) -> tuple[torch.Tensor, dict]:
@@ -313,7 +364,20 @@ class Trainer:
             seed = self.micro_step * self.world_size + dist_utils.rank()
         self.generator.manual_seed(self.cfg.seed * 1_000_003 + seed)
         with autocast_context(self.cfg.amp, self.device):
-            return self.model.training_loss(batch, self.generator)
+            return (self._training_loss or self.model.training_loss)(batch, self.generator)
+
+    def _compile(self) -> Callable | None:
+        """torch.compile for `training.compile`; returns the compiled training_loss (None when forward is compiled).
+
+        The module is compiled in place (`nn.Module.compile`), not wrapped in an OptimizedModule, so state_dict keys
+        and checkpoints stay free of `_orig_mod.` prefixes. Models trained through `training_loss` never call their
+        own forward, so that method is compiled instead (the model object, and so its state_dict, is unchanged).
+        """
+        kwargs = {} if self.cfg.compile is True else {"mode": self.cfg.compile}
+        if self.loss_fn is not None:
+            self.model.compile(**kwargs)
+            return None
+        return torch.compile(self.model.training_loss, **kwargs)
 
     def _train_step(self, batches: list[Mapping[str, Any]]) -> tuple[float | None, dict[str, float], int]:
         """One optimizer step over `batches` (accumulated); returns (loss or None when skipped, logs, samples)."""
@@ -363,28 +427,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        """Mean validation loss (and the autoencoder's evaluate metrics), with the EMA weights when EMA is on."""
-        if self.val_loader is None:
+    def validate(self, loader: Any = None) -> dict[str, float]:
+        """Mean validation loss (and the autoencoder's evaluate metrics), with the EMA weights when EMA is on.
+
+        `loader` replaces val_loader for this call. Collective under DDP: every rank must call it.
+        """
+        loader = self.val_loader if loader is None else loader
+        if loader is None:
             return {}
         if self.ema is not None:
             with self.ema.average_parameters(self.model):
-                return self._validate()
-        return self._validate()
+                return self._validate(loader)
+        return self._validate(loader)
 
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, loader: Any) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
-        for i, batch in enumerate(self.val_loader):
+        heads = head_kinds(self.model) if self.loss_fn is not None else None
+        loss_sums = torch.zeros(2, dtype=torch.float64)        # [loss * samples, samples]
+        metric_totals: dict[str, torch.Tensor] = {}
+        for i, batch in _rank_batches(loader, self.world_size, dist_utils.rank()):
             batch = to_device(batch, self.device, self.cfg.channels_last)
-            loss, _ = self.compute_loss(batch, seed=-(i + 1))  # fixed val noise, independent of training
+            if heads is not None:   # one forward for the loss and the metrics
+                with autocast_context(self.cfg.amp, self.device):
+                    out = self.model(batch[self.cfg.input_key])
+                loss, _ = self.loss_fn(out, batch)
+                add_sums(metric_totals, {k: v.cpu() for k, v in
+                                         metric_sums(heads, {k: v.float() for k, v in out.items()}, batch).items()})
+            else:   # fixed val noise per (global) batch number, independent of training and of the rank count
+                loss, _ = self.compute_loss(batch, seed=-(i + 1))
             n = _batch_size(batch)
-            total, count = total + float(loss) * n, count + n
-        results = {"val_loss": total / max(1, count)}
-        if self.loss_fn is not None and hasattr(getattr(self.model, "cfg", None), "decoder"):
-            results.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.device,
-                                                               self.cfg.amp, self.cfg.channels_last).items()})
+            loss_sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        if self.distributed:
+            # Sums, not per-rank means, so the result is that of one process over the whole loader. Every head has
+            # its slot (zeros on a rank without batches); heads whose target the data lacks stay at zero samples.
+            sizes = metric_sizes(self.model) if heads is not None else {}
+            flat = torch.cat([loss_sums] + [metric_totals.get(n, torch.zeros(k, dtype=torch.float64))
+                                            for n, k in sizes.items()]).to(self.device)
+            torch.distributed.all_reduce(flat)
+            flat = flat.cpu()
+            loss_sums = flat[:2]
+            parts = torch.split(flat[2:], list(sizes.values())) if sizes else ()
+            metric_totals = {n: v for n, v in zip(sizes, parts) if v[1] > 0}
+        results = {"val_loss": (loss_sums[0] / loss_sums[1].clamp_min(1)).item()}
+        if heads is not None:
+            results.update({f"val_{k}": v for k, v in metrics_from_sums(heads, metric_totals).items()})
         self.model.train(was_training)
         return results
 
@@ -443,9 +530,12 @@ class Trainer:
             if interrupted or self.batch_in_epoch > 0:
                 # Stopped mid-epoch (stop_at_step or max_steps): leave a checkpoint to resume from.
                 self._save(force=True)
-            self._write_metrics()
+            self._write_metrics(plots=True, force_plots=True)
         finally:
             bar.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+                self._tensorboard = None   # a later fit() opens a new event file in the same folder
         return {"steps": self.step, "optimizer_steps": self.optimizer_steps, "skipped_steps": self.skipped,
                 "epochs": self.epoch, "best_val_loss": self.best_val, "stopped_early": self.stopped_early,
                 "interrupted": interrupted, "resumed_from": self.resumed_from, **self.last_val,
@@ -466,14 +556,87 @@ class Trainer:
                     self.stopped_early = True
         if val:
             self.history.append({"step": self.step, "epoch": self.epoch, **val})
+        finished = self.epoch
         self.epoch += 1
         self.batch_in_epoch = 0
         self._save(metric=metric if metric is not None and math.isfinite(metric) else None, force=True)
-        self._write_metrics()
+        self._write_metrics(plots=True)
+        # after the checkpoint, so a failing preview_fn cannot cost the epoch's weights
+        last = self.epoch >= cfg.epochs or self.step >= self.total_steps or self.stopped_early
+        if cfg.preview_every is not None and ((finished + 1) % cfg.preview_every == 0 or last):
+            self._write_preview(finished)
 
-    def _write_metrics(self) -> None:
+    def _write_metrics(self, plots: bool = False, force_plots: bool = False) -> None:
+        """metrics.csv and the new rows to TensorBoard; with `plots` (epoch ends) also loss_curves.png, at most every
+        PLOT_INTERVAL_S seconds (a figure costs up to a second: short epochs would spend more time drawing than
+        training), and always with `force_plots` (the end of fit)."""
         if self.history and self.is_main:
             write_history(os.path.join(self.out_dir, "metrics.csv"), self.history)
+            if force_plots or (plots and time.monotonic() - self._plotted_at >= PLOT_INTERVAL_S):
+                plot_history(self.history, os.path.join(self.out_dir, "loss_curves.png"))
+                self._plotted_at = time.monotonic()
+            if self.cfg.tensorboard:
+                board = self._open_tensorboard()
+                board.log_rows(self.history[self._tensorboard_rows:])
+                self._tensorboard_rows = len(self.history)
+                board.flush()
+
+    def _open_tensorboard(self) -> TensorBoardLog:
+        if self._tensorboard is None:
+            self._tensorboard = TensorBoardLog(os.path.join(self.out_dir, "tensorboard"),
+                                               purge_step=self.step if self.resumed_from is not None else None)
+        return self._tensorboard
+
+    def _write_preview(self, epoch: int) -> None:
+        """previews/epoch_XXXX.png (and TensorBoard's "preview") from preview_fn; rank 0 only, EMA weights when on.
+
+        The global RNG is forked so that drawing a preview never changes the training that follows.
+        """
+        if self.preview_fn is None or not self.is_main:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        cuda = ([torch.cuda.current_device() if self.device.index is None else self.device.index]
+                if self.device.type == "cuda" else [])
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), (
+                    self.ema.average_parameters(self.model) if self.ema is not None else contextlib.nullcontext()):
+                image = preview_image(self.preview_fn(self.model, epoch))
+        finally:
+            self.model.train(was_training)
+        save_png(os.path.join(self.out_dir, "previews", f"epoch_{epoch:04d}.png"), image)
+        if self.cfg.tensorboard:
+            board = self._open_tensorboard()
+            board.log_image("preview", image, self.step)
+            board.flush()
+
+
+def _rank_batches(loader: Any, world: int, rank: int) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """(global batch number, batch) of this rank's share of a validation loader: batches rank, rank + world, ...
+
+    Whole batches, as one process would form them, so per-batch validation noise (seeded by the batch number) and
+    the summed results match one process exactly. A DataLoader in sequential order is rebuilt to load only this
+    rank's batches; any other loader is read whole and the other ranks' batches are dropped unevaluated.
+    """
+    if world == 1:
+        yield from enumerate(loader)
+        return
+    if isinstance(loader, DataLoader) and loader.batch_size is not None and \
+            isinstance(loader.sampler, SequentialSampler):
+        n, size = len(loader.dataset), loader.batch_size
+        batches = [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+        if loader.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        mine = batches[rank::world]
+        shard = DataLoader(loader.dataset, batch_sampler=mine, num_workers=loader.num_workers if mine else 0,
+                           collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                           worker_init_fn=loader.worker_init_fn)
+        for k, batch in enumerate(shard):
+            yield rank + k * world, batch
+        return
+    for i, batch in enumerate(loader):
+        if i % world == rank:
+            yield i, batch
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
