@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="experiment YAML (see experiments/)")
     add_run_options(train)
     train.add_argument("--resume", action="store_true",
-                       help="continue from OUT/checkpoints/latest.safetensors (diffusion and controlnet)")
+                       help="continue from OUT/checkpoints/latest.safetensors (any experiment kind)")
     train.set_defaults(func=cmd_train)
 
     def add_sampling_options(p: argparse.ArgumentParser) -> None:

@@ -144,6 +144,8 @@ def _write_data(cfg: SyntheticDataConfig, out: str, resume: bool) -> str:
         with open(stamp_path) as fh:
             if fh.read() == stamp:
                 return manifest
+    if os.path.exists(stamp_path):   # a stop while rewriting must not leave the old stamp vouching for the files
+        os.remove(stamp_path)
     write_synthetic_dataset(out, num=cfg.num_samples, size=cfg.image_size, seed=cfg.seed, empty_prob=cfg.empty_prob)
     atomic_write_text(stamp_path, stamp)   # after the manifest: a stamp always describes a complete dataset
     return manifest
@@ -208,16 +210,16 @@ def run_quickstart(cfg: QuickstartConfig, out: str, resume: bool = False, progre
     stages.end(f"manifest {manifest}")
 
     stages.begin("autoencoder: image -> latent -> RGB, room classes and layout type")
-    ae_summary = run_experiment("autoencoder", cfg.autoencoder_experiment(manifest), os.path.join(out, "autoencoder"),
-                                resume=resume, progress=progress)
+    ae_experiment = cfg.autoencoder_experiment(manifest)
+    ae_summary = run_experiment("autoencoder", ae_experiment, os.path.join(out, "autoencoder"), resume=resume,
+                                progress=progress)
     ae_checkpoint = ae_summary["checkpoint"]
     stages.end(", ".join(f"{k} {ae_summary[k]:.3f}" for k in ("rgb_psnr", "segmentation_pixel_accuracy",
                                                              "classification_accuracy") if k in ae_summary))
 
     stages.begin("embed: every layout -> its latent")
-    train_cfg = cfg.autoencoder_experiment(manifest).training
     embedded = embed_manifest(ae_checkpoint, manifest, os.path.join(out, "latents"), batch_size=64,
-                              device=train_cfg.device, progress=progress)
+                              device=ae_experiment.training.device, progress=progress)
     stages.end(f"{embedded['embedded']} embedded, {embedded['already_embedded']} kept; latent shape "
                f"{embedded['latent_shape']}")
 
