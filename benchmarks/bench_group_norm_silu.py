@@ -3,19 +3,12 @@
     python benchmarks/bench_group_norm_silu.py [--quick] [--dtype bf16]     # script mode: prints a markdown table
     pytest benchmarks/bench_group_norm_silu.py                              # pytest-benchmark suite
 
-Shapes (8 groups, the seed's): the autoencoder's (N=16, C 32..256, 512x512 down to 32x32) and the UNet's (N=64,
-C 64..512, 32x32 down to 4x4). On a CPU the same table runs at reduced sizes, comparing the reference with
-torch.compile (the Triton kernels only run there in the interpreter, which is not a speed).
-Providers: eager (F.group_norm then F.silu), compile (torch.compile of that), ours (CUDA), apex (NVIDIA apex's
-contrib NHWC GroupNorm with fused swish, when importable, on the shapes it supports natively: 16 or 32 groups and
-its channel list, so with the seed's 8 groups it has none and says so).
-Modes: fwd, bwd (gradients of x, weight and bias from a kept graph), fwd+bwd.
-GB/s counts the bytes a fused kernel must move at least: fwd reads x and writes y, bwd reads x and dy and writes dx
-(parameters and statistics are negligible). "% copy" relates it to a large device copy measured in the same run.
+The shapes, providers, modes and byte counts are layoutgen.bench.suites.group_norm_silu (shared with
+`layoutgen bench`); this file is its command line and pytest-benchmark suite. "% copy" relates GB/s to a large device
+copy measured in the same run.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -28,97 +21,11 @@ except ImportError:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environment_line, gbs,  # noqa: E402
-                    markdown_table, time_ms)
+                    markdown_table)
 
-from layoutgen.kernels import group_norm_silu, group_norm_silu_ref, use_backend  # noqa: E402
-
-GROUPS = 8
-AUTOENCODER = [(16, 32, 512, 512), (16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 256, 32, 32)]
-UNET = [(64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 8, 8), (64, 512, 4, 4)]
-QUICK_GPU = [(16, 32, 512, 512), (16, 128, 128, 128), (16, 256, 32, 32), (64, 64, 32, 32), (64, 512, 4, 4)]
-CPU = [(2, 32, 128, 128), (2, 128, 32, 32), (8, 256, 8, 8), (16, 512, 4, 4)]
-QUICK_CPU = [(2, 32, 128, 128), (16, 512, 4, 4)]
-MODES = ("fwd", "bwd", "fwd+bwd")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _apex_group_norm():
-    """NVIDIA apex's contrib GroupNorm class, or None (the PyPI package named apex is unrelated)."""
-    try:
-        from apex.contrib.group_norm import GroupNorm
-    except Exception:  # ImportError, or an apex built without its CUDA extensions
-        return None
-    return GroupNorm
-
-
-def providers(device: torch.device) -> list[str]:
-    names = ["eager", "compile"]
-    if device.type == "cuda":
-        names.append("ours")
-        if _apex_group_norm() is not None:
-            names.append("apex")
-    return names
-
-
-def make_fn(provider: str, c: int, device: torch.device, dtype: torch.dtype, x: torch.Tensor):
-    """A callable (x, weight, bias) -> y for `provider`, or None where it does not apply."""
-    if provider == "eager":
-        return lambda x, w, b: group_norm_silu_ref(x, GROUPS, w, b)
-    if provider == "compile":
-        compiled = torch.compile(group_norm_silu_ref, dynamic=False)
-        return lambda x, w, b: compiled(x, GROUPS, w, b)
-    if provider == "ours":
-        def ours(x, w, b):
-            with use_backend("triton"):
-                return group_norm_silu(x, GROUPS, w, b)
-        return ours
-    if provider == "apex":
-        cls = _apex_group_norm()
-        module = cls(GROUPS, c, act="silu").to(device=device, dtype=dtype)
-        if not module._check_legality(x):
-            return None  # apex would fall back to PyTorch itself: no point timing that as "apex"
-        return lambda x, w, b: module(x)
-    raise ValueError(provider)
-
-
-def inputs(shape, device, dtype, channels_last, requires_grad):
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w = torch.randn(shape[1], device=device, dtype=dtype, generator=gen)
-    b = torch.randn(shape[1], device=device, dtype=dtype, generator=gen)
-    dy = torch.randn_like(x)
-    for t in (x, w, b):
-        t.requires_grad_(requires_grad)
-    return x, w, b, dy
-
-
-def runner(fn, mode: str, x, w, b, dy):
-    """A no-argument callable running `mode` once."""
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(x, w, b)
-        return run
-    if mode == "bwd":
-        y = fn(x, w, b)
-        return lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
-
-
-def analytic_bytes(shape, dtype, mode: str) -> int:
-    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[mode] * size
-
-
-def measure(shape, dtype, channels_last, mode, provider, device, repeats) -> float | None:
-    x, w, b, dy = inputs(shape, device, dtype, channels_last, requires_grad=mode != "fwd")
-    fn = make_fn(provider, shape[1], device, dtype, x)
-    if fn is None:
-        return None
-    return time_ms(runner(fn, mode, x, w, b, dy), device, warmup=3 if device.type == "cpu" else 10, repeats=repeats)
-
+from layoutgen.bench.suites.group_norm_silu import (  # noqa: E402
+    AUTOENCODER, CPU, DTYPES, GROUPS, MODES, QUICK_CPU, QUICK_GPU, UNET, analytic_bytes, inputs, make_fn, measure,
+    providers, runner)
 
 
 def main(argv=None) -> None:

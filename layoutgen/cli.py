@@ -296,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layoutgen", description="Fast layout-image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_run_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", help="output folder (default: runs/<config name>)")
+    def add_run_options(p: argparse.ArgumentParser, out: str = "runs/<config name>",
+                        example: str = "training.epochs=2") -> None:
+        p.add_argument("--out", help=f"output folder (default: {out})")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set training.epochs=2 (repeatable)")
+                       help=f"override a config key, e.g. --set {example} (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = sub.add_parser("train", help="train an experiment (autoencoder, diffusion or controlnet) from a YAML")
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="the whole pipeline on generated layouts: data, autoencoder, latents, "
                                               "class-conditional diffusion, a sample grid and its evaluation "
                                               "(about 10 minutes on 2 CPU cores)")
-    add_run_options(quick)
+    add_run_options(quick, out="runs/quickstart", example="diffusion.training.max_steps=2000")
     quick.add_argument("--config", default=None,
                        help="quickstart YAML (default: the packaged layoutgen/training/quickstart.yaml)")
     quick.add_argument("--resume", action="store_true",

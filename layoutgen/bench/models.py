@@ -39,7 +39,7 @@ QUICK_AUTOENCODER = ["autoencoder.encoder.base_channels=8", "autoencoder.decoder
                      "data.image_size=64", "training.batch_size=2"]
 QUICK_UNET = ["diffusion.unet.base_channels=8", "diffusion.latent_size=[8,8]", "training.batch_size=2"]
 # The bench draws random latents: no autoencoder to load, and a fixed latent scale (no measuring pass).
-# The issue's UNet workload trains at batch 64, the top of the seed's 32..64 (the YAML trains at 32).
+# The benchmark's UNet workload trains at batch 64, the top of the seed's 32..64 (the YAML trains at 32).
 UNET_BATCH = 64
 UNET_FIXED = ["diffusion.autoencoder_checkpoint=null", "diffusion.latent_scale=1.0"]
 

@@ -1,9 +1,8 @@
 """Per-op suites of `layoutgen bench`: GroupNorm+SiLU, attention, noise ops and data loading.
 
-The op-specific parts (shapes, inputs, providers, analytic byte and FLOP counts) live in the bench scripts
-benchmarks/bench_<op>.py, the one place each op's benchmark is defined; this module imports them and runs them as
-one suite with one row format. It needs the source checkout's benchmarks/ folder (`pip install -e .`, as the GPU
-check does).
+The op-specific parts (shapes, inputs, providers, analytic byte and FLOP counts) live in layoutgen.bench.suites, one
+module per op and the one place each op's benchmark is defined (benchmarks/bench_<op>.py are command-line wrappers
+around the same modules); this module runs them as one suite with one row format, from an installed package too.
 
 Row format: op, shape, mode, dtype, provider, path (what ran), ms, GB/s (analytic bytes / median time), "% bw" (of
 the copy bandwidth measured in the same run), "vs reference" and "vs compile" (speed-up over those providers, in the
@@ -11,34 +10,17 @@ same run), and for attention TFLOP/s. Data loading rows give samples/s instead.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
-from pathlib import Path
-from types import ModuleType
 
 import torch
 
+from layoutgen.bench.suites import attention as attn
+from layoutgen.bench.suites import data
+from layoutgen.bench.suites import group_norm_silu as gn
+from layoutgen.bench.suites import noise_ops as nz
 from layoutgen.bench.timing import allow_recompiles, gbs, time_interleaved
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 OP_SUITES = ("group_norm_silu", "attention", "noise_ops", "data")
-
-
-def load_bench(name: str) -> ModuleType:
-    """benchmarks/bench_<name>.py as a module (imported once)."""
-    key = f"layoutgen_benchmarks_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    path = BENCH_DIR / f"bench_{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"layoutgen bench: {path} not found; the op suites run from a source checkout "
-                                f"(pip install -e .) that has the benchmarks/ folder")
-    spec = importlib.util.spec_from_file_location(key, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -62,7 +44,6 @@ def group_norm_silu_path(device: torch.device) -> str:
 
 
 def group_norm_silu_rows(device: torch.device, quick: bool, ceiling: float) -> list[dict]:
-    gn = load_bench("group_norm_silu")
     from layoutgen.kernels import group_norm_silu, use_backend
 
     on_gpu = device.type == "cuda"
@@ -98,7 +79,6 @@ def group_norm_silu_rows(device: torch.device, quick: bool, ceiling: float) -> l
 
 
 def attention_rows(device: torch.device, quick: bool, ceiling: float) -> list[dict]:
-    attn = load_bench("attention")
     from layoutgen.kernels import get_attention_backend
 
     on_gpu = device.type == "cuda"
@@ -132,7 +112,6 @@ def attention_rows(device: torch.device, quick: bool, ceiling: float) -> list[di
 
 
 def noise_ops_rows(device: torch.device, quick: bool, ceiling: float) -> list[dict]:
-    nz = load_bench("noise_ops")
     from layoutgen.kernels import noise_ops
 
     status = noise_ops.noise_ops_status()
@@ -165,7 +144,6 @@ def noise_ops_rows(device: torch.device, quick: bool, ceiling: float) -> list[di
 
 
 def data_rows(device: torch.device, quick: bool, ceiling: float) -> list[dict]:
-    data = load_bench("data")
     from layoutgen.models.datasets import ManifestDataset, build_torch_loader, dali_available
 
     size, num = (128, 64) if quick else (512, 256)

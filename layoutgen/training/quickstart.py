@@ -299,7 +299,7 @@ def _palette_images(classes: torch.Tensor) -> torch.Tensor:
     return palette[classes % len(palette)].permute(0, 3, 1, 2)
 
 
-# What the issue asks the quickstart's samples to reach; printed beside the measured values.
+# What the quickstart's samples aim to reach; printed beside the measured values.
 TARGETS = {"palette_fidelity": 0.9, "room_rectangularity": 0.85}
 
 
