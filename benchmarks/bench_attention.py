@@ -19,7 +19,7 @@ except ImportError:
     pytest = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_parser, environment_line, markdown_table, time_ms  # noqa: E402
+from common import bench_parser, environment_line, markdown_table, synced, time_ms  # noqa: E402
 
 from layoutgen.bench.suites.attention import (  # noqa: E402
     CPU_SHAPES, DTYPES, GPU_SHAPES, MODES, QUICK_CPU, QUICK_GPU, backends, flops, make_inputs, runner)
@@ -64,14 +64,10 @@ if pytest is not None:
         q, k, v, dy = make_inputs(shape, _DEVICE, _SUITE_DTYPE, requires_grad=mode != "fwd")
         run = runner(backend, mode, q, k, v, dy)
 
-        def synced():
-            run()
-            if _DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-
-        synced()
+        timed = synced(run, _DEVICE)
+        timed()
         benchmark.extra_info["TFLOP"] = flops(shape, mode) / 1e12
-        benchmark(synced)
+        benchmark(timed)
 
 
 if __name__ == "__main__":

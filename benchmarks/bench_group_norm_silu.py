@@ -21,7 +21,7 @@ except ImportError:
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environment_line, gbs,  # noqa: E402
-                    markdown_table)
+                    markdown_table, synced)
 
 from layoutgen.bench.suites.group_norm_silu import (  # noqa: E402
     AUTOENCODER, CPU, DTYPES, GROUPS, MODES, QUICK_CPU, QUICK_GPU, UNET, analytic_bytes, inputs, make_fn, measure,
@@ -93,14 +93,10 @@ if pytest is not None:
             pytest.skip(f"{provider} does not support this shape")
         run = runner(fn, mode, x, w, b, dy)
 
-        def synced():
-            run()
-            if _DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-
-        synced()
+        timed = synced(run, _DEVICE)
+        timed()
         benchmark.extra_info["GB"] = analytic_bytes(shape, _SUITE_DTYPE, mode) / 1e9
-        benchmark(synced)
+        benchmark(timed)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environment_line, gbs,  # noqa: E402
-                    markdown_table, time_ms)
+                    markdown_table, synced, time_ms)
 
 from layoutgen.bench.suites.noise_ops import (  # noqa: E402
     DTYPES, OPS, QUICK_CPU, SHAPES, analytic_bytes, make_fns, schedule)
@@ -91,14 +91,10 @@ if pytest is not None:
             pytest.skip("no compiled noise ops")
         fn = make_fns(op, SHAPES[name], _DEVICE, torch.float32, schedule(_DEVICE))[provider]
 
-        def synced():
-            fn()
-            if _DEVICE.type == "cuda":
-                torch.cuda.synchronize()
-
-        synced()
+        timed = synced(fn, _DEVICE)
+        timed()
         benchmark.extra_info["GB"] = analytic_bytes(op, torch.Size(SHAPES[name]).numel(), torch.float32) / 1e9
-        benchmark(synced)
+        benchmark(timed)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ re-exports it under the names the bench scripts use, plus the scripts' own comma
   flushed before each call, so small tensors are not timed from cache), perf_counter on a CPU.
 - `copy_bandwidth_gbs(device)`: the card's measured ceiling (a large device-to-device copy, read + write).
 - `gbs(nbytes, ms)`: achieved GB/s (1e9 bytes) from an analytic byte count.
+- `synced(run, device)`: `run` then a device synchronize, for pytest-benchmark's wall-clock timer.
 - `markdown_table(rows, columns)`, `bench_parser(description)`, `environment_line(device)`.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from layoutgen.bench.machine import copy_bandwidth_gbs, device_name, environment_line  # noqa: F401
 from layoutgen.bench.tables import fmt, markdown_table  # noqa: F401
-from layoutgen.bench.timing import allow_recompiles, gbs, synchronize, time_ms  # noqa: F401
+from layoutgen.bench.timing import allow_recompiles, gbs, synced, synchronize, time_ms  # noqa: F401
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:

@@ -30,6 +30,15 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def synced(run: Callable[[], object], device: torch.device | str) -> Callable[[], None]:
+    """`run` followed by a device synchronize: what a wall-clock timer such as pytest-benchmark must time, since a
+    CUDA launch returns before the kernel has run."""
+    def call() -> None:
+        run()
+        synchronize(device)
+    return call
+
+
 def _flush_l2(device: torch.device) -> None:
     key = str(device)
     if key not in _flush_buffers:
