@@ -216,18 +216,10 @@ def save_training_state(path: str | os.PathLike, *, model: nn.Module, optimizer:
     if _is_layoutgen_model(model):
         meta["model_class"] = type(model).__name__
         meta["config"] = json.dumps(model.config)
-    if optimizer is not None:
-        meta["optimizer"] = _dump_part("optimizer", optimizer.state_dict(), tensors)
-        parts.append("optimizer")
-    if lr_scheduler is not None:
-        meta["lr_scheduler"] = _dump_part("lr_scheduler", lr_scheduler.state_dict(), tensors)
-        parts.append("lr_scheduler")
-    if scaler is not None:
-        meta["scaler"] = _dump_part("scaler", scaler.state_dict(), tensors)
-        parts.append("scaler")
-    if ema is not None:
-        meta["ema"] = _dump_part("ema", ema.state_dict(), tensors)
-        parts.append("ema")
+    for name, part in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler), ("scaler", scaler), ("ema", ema)):
+        if part is not None:
+            meta[name] = _dump_part(name, part.state_dict(), tensors)
+            parts.append(name)
     if save_rng:
         meta["rng"] = json.dumps(_rng_state(tensors))
         parts.append("rng")
