@@ -451,3 +451,46 @@ def test_load_yaml_refuses_python_tags(tmp_path):
     with pytest.raises(ValueError) as info:
         load_yaml(str(path))
     assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------------- every project config round trips
+def _project_config_classes() -> list[type[Config]]:
+    """Every Config subclass in the layoutgen package (its modules imported, the command line's entry point and the
+    compiled extension aside)."""
+    import importlib
+    import pkgutil
+
+    import layoutgen
+    for module in pkgutil.walk_packages(layoutgen.__path__, "layoutgen."):
+        if not module.name.endswith(("__main__", "._C")):
+            importlib.import_module(module.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+    return sorted({c for c in subclasses(Config) if c.__module__.startswith("layoutgen.")},
+                  key=lambda c: (c.__module__, c.__name__))
+
+
+# Required keys the defaults cannot supply (a manifest path, the base model of a ControlNet).
+REQUIRED = {"ManifestDataConfig": {"manifest": "data/manifest.csv"},
+            "ManifestExperimentData": {"manifest": "data/manifest.csv"},
+            "ControlNetConfig": {"unet": {}},
+            "ControlNetExperiment": {"controlnet_diffusion": {"base_checkpoint": "runs/diffusion/best.safetensors"}}}
+
+
+@pytest.mark.parametrize("cls", _project_config_classes(), ids=lambda c: c.__name__)
+def test_every_project_config_equals_its_yaml_round_trip(cls):
+    config = cls.from_dict(REQUIRED.get(cls.__name__, {}))
+    if cls.__name__ not in REQUIRED:
+        assert config == cls()   # the dataclass defaults are what reading an empty section gives
+    again = cls.from_dict(yaml.safe_load(config.to_yaml()))
+    assert again == config
+    assert again.to_dict() == config.to_dict()
+
+
+def test_the_walk_finds_the_project_configs():
+    names = {c.__name__ for c in _project_config_classes()}
+    assert {"AutoencoderExperiment", "DecoderConfig", "TrainerConfig", "DiffusionExperiment",
+            "ControlNetExperiment", "ManifestDataConfig"} <= names

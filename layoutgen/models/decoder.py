@@ -21,7 +21,9 @@ from layoutgen.models.components.blocks import ResNetBlock, UpsampleBlock
 from layoutgen.models.components.codec import CodecConfig, MiddleBlock, describe_tensor
 from layoutgen.models.components.heads import build_head, normalize_head_config
 
-DEFAULT_HEADS = [{"type": "RGBHead", "name": "rgb", "out_channels": 3}]
+# Stored with every default filled in, as validation stores a head config: a default DecoderConfig then equals its
+# own to_dict -> YAML -> from_dict round trip.
+DEFAULT_HEADS = [normalize_head_config({"type": "RGBHead", "name": "rgb", "out_channels": 3}, "decoder.heads[0]")]
 
 
 @dataclass
