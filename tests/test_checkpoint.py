@@ -20,8 +20,10 @@ from layoutgen.utils import atomic
 from layoutgen.utils.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from layoutgen.utils.checkpoint import (
     CHECKSUM_KEY,
+    METADATA_CHECKSUM_KEY,
     CheckpointError,
     load_checkpoint_file,
+    metadata_checksum,
     save_checkpoint_file,
     tensor_checksum,
 )
@@ -230,8 +232,33 @@ def test_flipped_byte_in_tensor_data_fails_the_checksum(saved, tmp_path):
 
 
 def rewrite(path, tensors, meta) -> None:
-    """A valid safetensors file (checksum intact) with other metadata."""
+    """A valid safetensors file (checksums intact, the metadata one recomputed) with other metadata."""
+    meta = dict(meta, **{METADATA_CHECKSUM_KEY: metadata_checksum(meta)})
     path.write_bytes(safetensors_save(tensors, metadata=meta))
+
+
+@pytest.mark.parametrize("key", ["config", "model_class", "layoutgen_version", "tensor_sha256"])
+def test_metadata_edited_after_saving_fails_the_metadata_checksum(saved, tmp_path, key):
+    _, path, _ = saved
+    tensors, meta = load_checkpoint_file(path)
+    meta[key] = meta[key].replace("3", "4") if "3" in meta[key] else meta[key] + " "
+    bad = tmp_path / "edited.safetensors"
+    bad.write_bytes(safetensors_save(tensors, metadata=meta))   # the stored metadata checksum left as it was
+    for load in (Autoencoder.from_checkpoint, tiny_autoencoder().load_state_file, load_checkpoint_file):
+        with pytest.raises(CheckpointError, match="checksum mismatch") as info:
+            load(bad)
+        assert str(bad) in str(info.value)
+
+
+def test_a_file_without_the_metadata_checksum_still_loads(saved, tmp_path):
+    model, path, _ = saved
+    tensors, meta = load_checkpoint_file(path)
+    del meta[METADATA_CHECKSUM_KEY]   # as written before the metadata checksum existed
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(safetensors_save(tensors, metadata=meta))
+    loaded = Autoencoder.from_checkpoint(old)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
 
 
 def test_tampered_config_with_unknown_key_names_it(saved, tmp_path):

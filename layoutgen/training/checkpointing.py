@@ -1,8 +1,8 @@
 """Training-state checkpoints: everything a run needs to resume exactly, in one safetensors file.
 
 `save_training_state` writes ONE file, atomically (temp file, fsync, rename: a crash or Ctrl-C never leaves a
-half-written file in place of a good one), through `layoutgen.utils.checkpoint.save_checkpoint_file`, which adds a
-checksum that `load_training_state` verifies. Nothing in the file is pickled, so loading never executes code.
+half-written file in place of a good one), through `layoutgen.utils.checkpoint.save_checkpoint_file`, which adds the
+checksums that `load_training_state` verifies. Nothing in the file is pickled, so loading never executes code.
 
 Tensors (safetensors):
     model.<key>                       the model's state (`checkpoint_state_dict()` for a layoutgen BaseModel)

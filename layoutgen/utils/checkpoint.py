@@ -1,8 +1,10 @@
 """Checkpoint files: safetensors with a checksum, written atomically, loaded without executing code.
 
 A layoutgen checkpoint is one safetensors file: the tensors, and string metadata holding the model class, its config
-as JSON, the package version and a SHA-256 over every tensor's name, dtype, shape and bytes. safetensors cannot
-carry code, and the checksum catches a file whose tensor bytes were altered or cut short after it was written.
+as JSON, the package version, a SHA-256 over every tensor's name, dtype, shape and bytes, and a SHA-256 over the other
+metadata (the config above all). safetensors cannot carry code, and the checksums catch a file whose tensor bytes or
+stored config were altered or cut short after it was written (files from before the metadata checksum carry the
+tensor one only, and are checked against that).
 
 Plain PyTorch state dicts (`.pt`, `.pth`, `.ckpt`) can be read too, with `torch.load(weights_only=True)`, which
 refuses any pickle that would build arbitrary objects.
@@ -25,6 +27,7 @@ from layoutgen.utils.atomic import atomic_write_bytes
 FORMAT_NAME = "layoutgen.checkpoint"
 FORMAT_VERSION = "1"
 CHECKSUM_KEY = "tensor_sha256"
+METADATA_CHECKSUM_KEY = "metadata_sha256"
 # A safetensors header larger than this is certainly not one of ours (and guards against a huge allocation).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -43,6 +46,12 @@ def tensor_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def metadata_checksum(metadata: Mapping[str, str]) -> str:
+    """SHA-256 over every (key, value) of the metadata in key order, the metadata checksum itself aside."""
+    items = sorted((k, v) for k, v in metadata.items() if k != METADATA_CHECKSUM_KEY)
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
 def save_checkpoint_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                          metadata: Mapping[str, str] | None = None) -> None:
     """Writes `tensors` and string `metadata` to a safetensors file, atomically, with a checksum."""
@@ -54,6 +63,7 @@ def save_checkpoint_file(path: str | os.PathLike, tensors: Mapping[str, torch.Te
             raise TypeError(f"checkpoint metadata {key!r} must be a string, got {type(value).__name__}")
         meta[key] = value
     meta[CHECKSUM_KEY] = tensor_checksum(plain)
+    meta[METADATA_CHECKSUM_KEY] = metadata_checksum(meta)
     atomic_write_bytes(path, safetensors_save(plain, metadata=meta))
 
 
@@ -80,7 +90,7 @@ def read_safetensors_metadata(data: bytes, path: str) -> dict[str, str]:
 def load_checkpoint_file(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Reads a checkpoint: (tensors on the CPU, metadata). Never unpickles arbitrary objects.
 
-    safetensors files are checked against their checksum when they carry one (`verify=False` skips it). Files ending
+    safetensors files are checked against their checksums when they carry them (`verify=False` skips that). Files ending
     in .pt/.pth/.ckpt/.bin are read with torch.load(weights_only=True) and must hold a flat mapping of tensors (or
     {"state_dict": ...}); their metadata is empty.
     """
@@ -99,6 +109,10 @@ def load_checkpoint_file(path: str | os.PathLike, verify: bool = True) -> tuple[
     expected = metadata.get(CHECKSUM_KEY)
     if verify and expected is not None and tensor_checksum(tensors) != expected:
         raise CheckpointError(f"{path}: checksum mismatch: the tensor data was modified or damaged after saving")
+    expected = metadata.get(METADATA_CHECKSUM_KEY)
+    if verify and expected is not None and metadata_checksum(metadata) != expected:
+        raise CheckpointError(f"{path}: metadata checksum mismatch: the stored config or other metadata was modified "
+                              f"after saving")
     return tensors, metadata
 
 
