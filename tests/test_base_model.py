@@ -409,3 +409,20 @@ def test_load_state_still_checks_kept_keys_with_exclusions():
     msg = str(info.value)
     assert "missing key out.bias" in msg
     assert "teacher" not in msg
+
+
+def test_a_full_state_dict_with_excluded_tensors_loads_strictly_and_sets_them():
+    source = randomized(MlpWithTeacherTestModel(), 1)
+    target = randomized(MlpWithTeacherTestModel(), 2)
+    report = target.load_state(source.state_dict())
+    assert report.missing == [] and report.unexpected == []
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
+def test_excluded_tensors_given_with_the_wrong_shape_are_named():
+    model = MlpWithTeacherTestModel()
+    state = model.state_dict()
+    state["teacher.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"shape mismatch teacher\.weight: checkpoint \(3, 3\)"):
+        model.load_state(state, strict=False)

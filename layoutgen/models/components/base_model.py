@@ -133,14 +133,18 @@ class BaseModel(nn.Module):
         """Loads weights, naming every missing, unexpected or mis-shaped key in the error.
 
         A shape mismatch is always an error. With strict=False, missing and unexpected keys are skipped and
-        reported in the returned LoadReport.
+        reported in the returned LoadReport. Tensors under `checkpoint_exclude` (a frozen sub-model) are never
+        required, but are loaded when given: the model's own full `state_dict()` loads strictly.
         """
         expected = self.checkpoint_state_dict()
+        known = dict(expected)
+        if self.checkpoint_exclude:
+            known.update((k, v) for k, v in self.state_dict().items() if k.startswith(self.checkpoint_exclude))
         missing = sorted(k for k in expected if k not in state_dict)
-        unexpected = sorted(k for k in state_dict if k not in expected)
+        unexpected = sorted(k for k in state_dict if k not in known)
         mismatched = sorted(
-            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-            for k in state_dict if k in expected and state_dict[k].shape != expected[k].shape
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(known[k].shape)}"
+            for k in state_dict if k in known and state_dict[k].shape != known[k].shape
         )
         problems = [f"shape mismatch {m}" for m in mismatched]
         if strict:
@@ -148,7 +152,7 @@ class BaseModel(nn.Module):
         if problems:
             shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
             raise CheckpointError(f"{source}: cannot load into {type(self).__name__}:\n  {shown}")
-        usable = {k: v for k, v in state_dict.items() if k in expected}
+        usable = {k: v for k, v in state_dict.items() if k in known}
         self.load_state_dict(usable, strict=False)
         return LoadReport(missing=missing, unexpected=unexpected)
 
