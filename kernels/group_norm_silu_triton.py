@@ -363,20 +363,27 @@ def _prune_chunk(configs, named_args, **kwargs):
 
 _SINGLE_KEY = ["BLOCK_C", "BLOCK_S", "sxc", "HAS_W", "SILU"]
 _CHUNK_KEY = ["CPG", "S", "CHUNK_S", "sxc", "BLOCK_C"]
-_TUNED = {
-    "fwd_single": triton.autotune(_single_configs(), key=_SINGLE_KEY,
-                                  prune_configs_by={"early_config_prune": _prune_single})(_fwd_single_kernel),
-    "bwd_single": triton.autotune(_single_configs(), key=_SINGLE_KEY,
-                                  prune_configs_by={"early_config_prune": _prune_single})(_bwd_single_kernel),
-    "fwd_stats": triton.autotune(_chunk_configs(), key=_CHUNK_KEY,
-                                 prune_configs_by={"early_config_prune": _prune_chunk})(_fwd_stats_kernel),
-    "fwd_apply": triton.autotune(_chunk_configs(), key=_CHUNK_KEY + ["HAS_W", "SILU"],
-                                 prune_configs_by={"early_config_prune": _prune_chunk})(_fwd_apply_kernel),
-    "bwd_partials": triton.autotune(_chunk_configs(), key=_CHUNK_KEY + ["HAS_W", "SILU"],
-                                    prune_configs_by={"early_config_prune": _prune_chunk})(_bwd_partials_kernel),
-    "bwd_dx": triton.autotune(_chunk_configs(), key=_CHUNK_KEY + ["HAS_W", "SILU"],
-                              prune_configs_by={"early_config_prune": _prune_chunk})(_bwd_dx_kernel),
-} if not INTERPRETED else {}
+
+
+def build_autotuned(do_bench=None) -> dict[str, triton.runtime.Autotuner]:
+    """Each kernel wrapped in triton.autotune with its configs, key and pruning. Built at import for a GPU; the tests
+    build it over the interpreted kernels too, with a stand-in `do_bench` (triton's timer needs a GPU), to run the
+    autotuned launch path on a CPU."""
+    def tuned(kernel, configs, key, prune):
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune},
+                               do_bench=do_bench)(kernel)
+    chunk_flags = _CHUNK_KEY + ["HAS_W", "SILU"]
+    return {
+        "fwd_single": tuned(_fwd_single_kernel, _single_configs(), _SINGLE_KEY, _prune_single),
+        "bwd_single": tuned(_bwd_single_kernel, _single_configs(), _SINGLE_KEY, _prune_single),
+        "fwd_stats": tuned(_fwd_stats_kernel, _chunk_configs(), _CHUNK_KEY, _prune_chunk),
+        "fwd_apply": tuned(_fwd_apply_kernel, _chunk_configs(), chunk_flags, _prune_chunk),
+        "bwd_partials": tuned(_bwd_partials_kernel, _chunk_configs(), chunk_flags, _prune_chunk),
+        "bwd_dx": tuned(_bwd_dx_kernel, _chunk_configs(), chunk_flags, _prune_chunk),
+    }
+
+
+_TUNED = build_autotuned() if not INTERPRETED else {}
 _PLAIN = {"fwd_single": _fwd_single_kernel, "bwd_single": _bwd_single_kernel, "fwd_stats": _fwd_stats_kernel,
           "fwd_apply": _fwd_apply_kernel, "bwd_partials": _bwd_partials_kernel, "bwd_dx": _bwd_dx_kernel}
 

@@ -369,6 +369,35 @@ def test_triton_plan(triton_cpu):
     assert triton_impl._flags(None, None, True, 32, 2 ** 26 - 1)["INDEX_64"] is False
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_autotuned_launch_path_on_cpu(triton_cpu, path, dtype, monkeypatch):
+    """The CUDA path's autotuning, run in the interpreter: triton.autotune over the interpreted kernels with a stand-in
+    timer that runs each pruned config once (so every config must launch, and the launchers must not pass a tuned
+    meta-parameter themselves: triton refuses that) and calls the last one fastest; y and every gradient are then
+    checked against float64."""
+    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+    timed = []
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        timed.append(kernel_call)
+        return [-float(len(timed))] * len(quantiles)   # each later config "faster": the last one is chosen
+
+    tuned = triton_impl.build_autotuned(do_bench=stand_in_timer)
+    monkeypatch.setattr(triton_impl, "_TUNED", tuned)
+    monkeypatch.setattr(triton_impl, "_autotune_enabled", lambda device: True)
+    compare_with_float64((2, 16, 24, 24), 4, dtype, "cpu", channels_last=dtype == torch.bfloat16, seed=33)
+    used = sorted(name for name, tuner in tuned.items() if tuner.cache)
+    expected = ["bwd_single", "fwd_single"] if path == "single" else ["bwd_dx", "bwd_partials", "fwd_apply",
+                                                                        "fwd_stats"]
+    assert used == expected
+    assert timed, "no config was benchmarked: the pruning left one config per kernel, so nothing was tuned"
+    for name in used:
+        for config in tuned[name].cache.values():
+            if path == "chunked":
+                assert 512 <= 4 * config.kwargs["BLOCK_S"] <= 8192, (name, config)
+
+
 def test_triton_float16(device):
     compare_with_float64((2, 16, 6, 5), 4, torch.float16, device, seed=21)
 
