@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from layoutgen.kernels import triton_interpreter
+
 SINGLE_MAX_ELEMS = 8192       # a group held in registers: 8192 fp32 = 32 per thread at 8 warps
 TARGET_PROGRAMS_PER_SM = 8    # chunked path: aim for at least this many programs per SM
 MAX_CHUNKS = 256
@@ -414,13 +416,20 @@ def _chunk_block_s(block_c: int, chunk_s: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def check_runnable(x: torch.Tensor) -> None:
-    """Refuses CPU tensors unless the kernels were built by Triton's interpreter (TRITON_INTERPRET=1)."""
-    if x.device.type == "cpu" and not INTERPRETED:
+    """Refuses CPU tensors unless the kernels were built by Triton's interpreter (TRITON_INTERPRET=1) and that
+    interpreter works with the installed NumPy."""
+    if x.device.type != "cpu":
+        return
+    if not INTERPRETED:
         raise RuntimeError(
             "layoutgen.kernels: the 'triton' backend got a CPU tensor, but layoutgen's Triton kernels were compiled "
             "for a GPU because TRITON_INTERPRET was not '1' when they were loaded. On a CPU, set TRITON_INTERPRET=1 "
             "in the environment before the process first uses them (Triton's interpreter runs them, slowly), or use "
             "the 'auto' or 'reference' backend (layoutgen.kernels.set_backend / LAYOUTGEN_KERNEL_BACKEND).")
+    problem = triton_interpreter.interpreter_problem()
+    if problem:
+        raise RuntimeError(f"layoutgen.kernels: the 'triton' backend cannot run on the CPU here: {problem}; or use "
+                           f"the 'auto' or 'reference' backend.")
 
 
 def _view_ncs(t: torch.Tensor) -> torch.Tensor:
