@@ -5,12 +5,14 @@ The folder `kernels/` is installed as the subpackage `layoutgen.kernels` (there 
 
 The noise-op extension `layoutgen._C` (csrc/) is built with the torch already installed, hence
 `pip install --no-build-isolation`: a CppExtension always, a CUDAExtension (csrc/cuda/*.cu too) where torch has CUDA
-and nvcc is found. The build never fails the install: if the CUDA build fails it retries without CUDA, and if that
+and nvcc is found, and a GPU is visible or TORCH_CUDA_ARCH_LIST names the architectures (kernels/noise_ops_build.py
+decides, for the JIT build too, and finds the real toolkit behind an nvcc wrapper script). The build never fails the install: if the CUDA build fails it retries without CUDA, and if that
 fails too the package installs without the extension (layoutgen.kernels.noise_ops then builds it on first use with
 torch.utils.cpp_extension.load, or falls back to PyTorch). LAYOUTGEN_NO_EXTENSION=1 skips it; LAYOUTGEN_BUILD_CUDA=0
 builds the CPU part only.
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -33,13 +35,22 @@ def _noise_op_extension():
         return [], {}
 
     here = os.path.dirname(os.path.abspath(__file__))
+    # The CUDA checks the JIT build uses too (kernels/ is not importable as a package at build time).
+    spec = importlib.util.spec_from_file_location("_layoutgen_noise_ops_build",
+                                                  os.path.join(here, "kernels", "noise_ops_build.py"))
+    build_helpers = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build_helpers  # dataclasses look their module up there
+    spec.loader.exec_module(build_helpers)
+    build_helpers.use_cuda_toolkit_root(cpp_extension)
     cpp_sources = ["csrc/noise_ops.cpp"]
     cuda_sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))
     openmp = sys.platform.startswith("linux")  # at::parallel_for runs on OpenMP threads only when compiled with it
     cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
     link_flags = ["-fopenmp"] if openmp else []
-    want_cuda = (os.environ.get("LAYOUTGEN_BUILD_CUDA", "1") not in ("", "0") and torch.version.cuda is not None
-                 and cpp_extension.CUDA_HOME is not None and bool(cuda_sources))
+    cuda_blocker = build_helpers.cuda_build_blocker(cpp_extension) if cuda_sources else "no CUDA sources"
+    want_cuda = cuda_blocker is None
+    if not want_cuda and torch.version.cuda is not None:
+        print(f"layoutgen: building the CPU noise ops only: {cuda_blocker}", file=sys.stderr)
 
     if want_cuda:
         ext = cpp_extension.CUDAExtension("layoutgen._C", cpp_sources + cuda_sources,
@@ -66,9 +77,10 @@ def _noise_op_extension():
                 if ext.name == "layoutgen._C" and any(s.endswith(".cu") for s in ext.sources):
                     print(f"layoutgen: building the CUDA noise ops failed ({error}); retrying without CUDA",
                           file=sys.stderr)
-                    # Same extension (and the flags BuildExtension added to it) without the .cu files; the CPU
-                    # object is reused. Its CUDA libraries stay linked: they exist wherever torch has CUDA.
+                    # Same extension (and the flags BuildExtension added to it) without the .cu files and the CUDA
+                    # libraries (libcudart is in CUDA_HOME, which may be what failed); the CPU object is reused.
                     ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+                    ext.libraries = [lib for lib in ext.libraries if lib not in ("cudart", "c10_cuda", "torch_cuda")]
                     try:
                         return super().build_extension(ext)
                     except Exception as cpu_error:  # noqa: BLE001

@@ -94,6 +94,7 @@ step_env() {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown) $(git status --porcelain 2>/dev/null | wc -l) changed files"
     nvidia-smi 2>&1 || true
+    echo "nvcc: $(command -v nvcc || echo none) $(nvcc --version 2>/dev/null | tail -n 1); CUDA_HOME=${CUDA_HOME:-unset}"
     "$PY" - <<'EOF'
 import importlib, platform, sys
 print("python", sys.version.split()[0], sys.executable, platform.platform())

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +43,54 @@ class NoiseOpsStatus:
         return self.path
 
 
+def _has_cuda_runtime(root: str | None) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime_api.h"))
+
+
+def cuda_toolkit_root() -> str | None:
+    """The CUDA toolkit to build with, where torch.utils.cpp_extension would guess a wrong one, else None.
+
+    Without CUDA_HOME/CUDA_PATH, cpp_extension takes the folder above the first `nvcc` on PATH. Where that nvcc is a
+    wrapper script (/usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) the folder (/usr/local) has neither
+    the CUDA headers nor libcudart, and the link fails (-lcudart). nvcc itself says where its toolkit is (TOP=...)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return None
+    nvcc = shutil.which("nvcc")
+    if nvcc is None or _has_cuda_runtime(os.path.dirname(os.path.dirname(nvcc))):
+        return None
+    try:
+        probe = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                               capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (probe.stdout + probe.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            root = os.path.normpath(line.split("=", 1)[1].strip().strip('"'))
+            return root if _has_cuda_runtime(root) else None
+    return None
+
+
+def use_cuda_toolkit_root(cpp_extension) -> None:
+    """Points torch.utils.cpp_extension (already imported) at cuda_toolkit_root(), where that differs from its guess."""
+    root = cuda_toolkit_root()
+    if root is not None and cpp_extension.CUDA_HOME is not None and not _has_cuda_runtime(cpp_extension.CUDA_HOME):
+        cpp_extension.CUDA_HOME = root
+        os.environ["CUDA_HOME"] = root
+
+
+def cuda_build_blocker(cpp_extension) -> str | None:
+    """Why the CUDA kernels cannot be built here (None: they can). Besides a torch without CUDA or no nvcc: without a
+    visible GPU, cpp_extension picks the CUDA architectures only from TORCH_CUDA_ARCH_LIST (unset, it fails with
+    IndexError in _get_cuda_arch_flags: torch 2.11 and 2.13 alike)."""
+    if os.environ.get("LAYOUTGEN_BUILD_CUDA", "1") in ("", "0"):
+        return "LAYOUTGEN_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return "torch has no CUDA"
+    if cpp_extension.CUDA_HOME is None:
+        return "no CUDA toolkit (nvcc) found"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        return "no GPU visible and TORCH_CUDA_ARCH_LIST unset (e.g. TORCH_CUDA_ARCH_LIST=9.0 builds for an H100)"
+    return None
 
 
 def _mode() -> str:
@@ -96,18 +146,29 @@ def _try_jit() -> NoiseOpsStatus:
     if not cpp_extension.is_ninja_available():
         return NoiseOpsStatus("reference", "no compiled extension: layoutgen._C is not built and a JIT build needs "
                                            "ninja (pip install ninja)")
+    use_cuda_toolkit_root(cpp_extension)
     cuda_sources = sorted((csrc / "cuda").glob("*.cu"))
-    with_cuda = (bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-                 and os.environ.get("LAYOUTGEN_BUILD_CUDA", "1") not in ("", "0"))
+    with_cuda = bool(cuda_sources) and cuda_build_blocker(cpp_extension) is None
     openmp = sys.platform.startswith("linux")
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def build(cuda: bool) -> None:
         cpp_extension.load(
-            name="layoutgen_noise_ops", sources=[str(p) for p in sources + (cuda_sources if with_cuda else [])],
+            name="layoutgen_noise_ops", sources=[str(p) for p in sources + (cuda_sources if cuda else [])],
             extra_include_paths=[str(csrc)], extra_cflags=["-O3"] + (["-fopenmp"] if openmp else []),
             extra_ldflags=["-fopenmp"] if openmp else [], extra_cuda_cflags=["-O3", "-lineinfo"],
-            build_directory=str(build_dir), is_python_module=False, verbose=False)
+            build_directory=str(build_dir), is_python_module=False, verbose=False, with_cuda=cuda)
+
+    note = ""
+    try:
+        try:
+            build(with_cuda)
+        except Exception as cuda_error:  # noqa: BLE001 - then the CPU ops alone, as setup.py does
+            if not with_cuda:
+                raise
+            note = f" (CPU ops only: the CUDA build failed with {type(cuda_error).__name__})"
+            build(False)
     except Exception as error:  # noqa: BLE001 - a compiler, linker or loader failure: fall back, say why
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         first_error = next((line for line in lines if " error:" in line or "#error" in line),  # a compiler diagnostic
@@ -116,5 +177,6 @@ def _try_jit() -> NoiseOpsStatus:
                                            f"{build_dir} failed ({type(error).__name__}: {first_error[:300]})")
     if not _ops_registered():
         return NoiseOpsStatus("reference", "the JIT build loaded but registered no torch.ops.layoutgen ops")
-    return NoiseOpsStatus("jit", f"layoutgen._C is not built; built from {csrc} on first use, cached in {build_dir}",
+    return NoiseOpsStatus("jit", f"layoutgen._C is not built; built from {csrc} on first use, cached in {build_dir}"
+                                 f"{note}",
                           _kernel_devices(), str(build_dir))

@@ -60,6 +60,9 @@ def test_quick_bench_end_to_end_writes_every_row_and_file(tmp_path, capsys):
         if r["op"] == "data loading":
             assert r["samples/s"] > 0
             continue
+        if r["op"] == "noise_ops" and not noise_ops_status().compiled:  # one row saying why they were not measured
+            assert "ms" not in r and r["path"].startswith("not measured")
+            continue
         assert r["ms"] > 0 and r["GB/s"] > 0
         # every figure is a ratio of this run's own times
         assert math.isclose(r["% bw"], 100 * r["GB/s"] / result["machine"]["copy_bandwidth_gbs"], rel_tol=1e-9)

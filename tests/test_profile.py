@@ -83,6 +83,46 @@ def test_project_kernel_bandwidth_from_analytic_bytes():
     assert rows["_EagerGroupNormSiLUBackward"]["MB moved"] == pytest.approx(3 * 256 * 2 / 1e6)
 
 
+class _EventWithoutDtypes:
+    """A profiler event as torch 2.11 records it: no input_dtypes attribute; its id keys the Kineto results."""
+    def __init__(self, name, shapes, event_id, us):
+        self.name, self.input_shapes, self.id = name, shapes, event_id
+        self.cpu_time_total = self.device_time_total = us
+
+
+def test_project_kernel_bandwidth_takes_dtypes_by_event_id_where_events_have_none():
+    events = [_EventWithoutDtypes("_EagerGroupNormSiLU", [[2, 8, 4, 4], [8], [8]], 7, 1.0),
+              _EventWithoutDtypes("_EagerGroupNormSiLUBackward", [[2, 8, 4, 4]], 9, 2.0)]
+    rows = {r["op"]: r for r in project_kernel_bandwidth(events, on_gpu=False, ceiling=1.0,
+                                                         dtypes={7: ["float", "float", "float"], 9: ["c10::Half"]})}
+    assert rows["_EagerGroupNormSiLU"]["MB moved"] == pytest.approx(2 * 256 * 4 / 1e6)
+    assert rows["_EagerGroupNormSiLUBackward"]["MB moved"] == pytest.approx(3 * 256 * 2 / 1e6)
+    assert project_kernel_bandwidth(events, on_gpu=False, ceiling=1.0) == []   # no dtype: no byte count, no row
+
+
+def test_kineto_dtypes_agree_with_the_events_own_dtypes():
+    """The fallback (Kineto results by correlation id) gives what torch's own FunctionEvent.input_dtypes gives."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from layoutgen.bench.profile import _kineto_input_dtypes
+    from layoutgen.kernels import add_noise
+    if not noise_ops_status().compiled:
+        pytest.skip("the compiled noise ops are not available: no project op to record")
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8, dtype=torch.float32)
+    acp = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        add_noise(x0, noise, torch.tensor([1, 5]), acp.sqrt(), (1 - acp).sqrt())
+    fallback = _kineto_input_dtypes(prof)
+    events = [e for e in prof.events() if e.name == "layoutgen::add_noise"]
+    assert events, [e.name for e in prof.events()]
+    for event in events:
+        if hasattr(event, "input_dtypes"):
+            assert fallback[event.id] == list(event.input_dtypes)
+        else:
+            assert fallback[event.id][0] == "float"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--config", "missing.yaml"], "not found"),
     (["--steps", "0"], "--steps"),

@@ -125,14 +125,28 @@ def _element_bytes(dtype_name: str) -> int | None:
     return DTYPE_BYTES.get(dtype_name)
 
 
-def project_kernel_bandwidth(events, on_gpu: bool, ceiling: float) -> list[dict]:
-    """Per project op: calls, time, analytic bytes, GB/s and share of the measured copy bandwidth."""
+def _kineto_input_dtypes(prof) -> dict[int, list[str]]:
+    """Event id -> input dtypes of the project ops, from the profiler's raw (Kineto) results. For torch versions whose
+    FunctionEvent has no `input_dtypes` (2.11 has not; 2.13 has): FunctionEvent.id is the Kineto correlation id."""
+    results = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if results is None:
+        return {}
+    return {e.correlation_id(): list(e.dtypes()) for e in results.events() if e.name() in BYTE_PASSES}
+
+
+def project_kernel_bandwidth(events, on_gpu: bool, ceiling: float,
+                             dtypes: dict[int, list[str]] | None = None) -> list[dict]:
+    """Per project op: calls, time, analytic bytes, GB/s and share of the measured copy bandwidth. `dtypes` (event id
+    -> input dtypes) stands in where the events carry no input_dtypes (older torch)."""
     totals: dict[str, dict] = {}
     for event in events:
         passes = BYTE_PASSES.get(event.name)
         if passes is None or not event.input_shapes or not event.input_shapes[0]:
             continue
-        size = _element_bytes(event.input_dtypes[0]) if event.input_dtypes else None
+        input_dtypes = getattr(event, "input_dtypes", None)
+        if input_dtypes is None and dtypes:
+            input_dtypes = dtypes.get(getattr(event, "id", None))
+        size = _element_bytes(input_dtypes[0]) if input_dtypes else None
         if size is None:
             continue
         us = event.device_time_total if on_gpu else event.cpu_time_total
@@ -219,7 +233,8 @@ def _profile(config, steps, out, device, overrides, top, log) -> dict:
     top_ops = [{"name": e.key, "calls": e.count, "self ms": (e.self_device_time_total if on_gpu
                                                                else e.self_cpu_time_total) / 1e3,
                 "total ms": (e.device_time_total if on_gpu else e.cpu_time_total) / 1e3} for e in averages]
-    kernels = project_kernel_bandwidth(prof.events(), on_gpu, machine["copy_bandwidth_gbs"])
+    kernels = project_kernel_bandwidth(prof.events(), on_gpu, machine["copy_bandwidth_gbs"],
+                                       _kineto_input_dtypes(prof))
     if not kernels:
         notes.append(f"no project kernel ran: kernel backend {get_backend()!r}, GroupNorm+SiLU on {dev.type}: "
                      f"{group_norm_silu_path(dev)}")
