@@ -9,14 +9,16 @@
 #                  e.g. diffusers for the models bench's peer column; nothing when the variable is unset
 #   install        pip install --no-deps --no-build-isolation -e . (builds the noise-op extension) -> install.log;
 #                  the extension's status -> extension.txt
-#   cuda-tests     pytest -m cuda -> cuda_tests.log (pytest-xdist workers when it is installed)
-#   op-benches     benchmarks/bench_<op>.py --quick for every op bench (bench_data.py only where DALI imports)
+#   cuda-tests     pytest -m cuda -> cuda_tests.log (pytest-xdist workers when it is installed; at most
+#                  LAYOUTGEN_GPU_CHECK_TESTS_CAP_S, default 240 s, so that the benches get their turn)
+#   op-benches     benchmarks/bench_<op>.py --quick: GroupNorm+SiLU and the noise ops first, then every other op
+#                  bench (bench_data.py only where DALI imports)
 #   bench          layoutgen bench --device cuda (full sizes: ops and model training steps) -> bench/
 #   compile-matrix layoutgen bench --compile-matrix $LAYOUTGEN_GPU_CHECK_MATRIX_ARGS (default --quick) -> compile_matrix/
 #   profile        layoutgen profile of the seed's autoencoder, 3 steps -> profile/
 #   cpu-tests      the rest of the suite (pytest -m "not cuda") with a GPU present -> tests.log
 #
-# Time: the whole run has LAYOUTGEN_GPU_CHECK_BUDGET_S seconds (default 480); each step is stopped (SIGINT, so pytest
+# Time: the whole run has LAYOUTGEN_GPU_CHECK_BUDGET_S seconds (default 540); each step is stopped (SIGINT, so pytest
 # still prints its summary) when the budget runs out, and a step that cannot start with LAYOUTGEN_GPU_CHECK_MIN_STEP_S
 # (default 30) seconds left is listed as "not run (budget)". Triton autotuning is off in the tests
 # (LAYOUTGEN_TRITON_AUTOTUNE=0) except in the test that checks it; the benches autotune.
@@ -37,7 +39,7 @@ if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif command -v python3 > /dev/null; then PY=python3
 else PY=python
 fi
-BUDGET_S="${LAYOUTGEN_GPU_CHECK_BUDGET_S:-480}"
+BUDGET_S="${LAYOUTGEN_GPU_CHECK_BUDGET_S:-540}"
 MIN_STEP_S="${LAYOUTGEN_GPU_CHECK_MIN_STEP_S:-30}"
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 ALL_STEPS="env wheels install cuda-tests op-benches bench compile-matrix profile cpu-tests"
@@ -69,8 +71,11 @@ publish() {
         mv "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
 }
 
-# run_step LOG NAME COMMAND...: COMMAND's output to $RESULTS/LOG, stopped when the budget runs out; one summary line.
+# run_step [--cap S] LOG NAME COMMAND...: COMMAND's output to $RESULTS/LOG, stopped when the budget (or its own cap
+# of S seconds) runs out; one summary line.
 run_step() {
+    local cap=""
+    if [ "$1" = --cap ]; then cap="$2"; shift 2; fi
     local log="$1" name="$2" begin rc left
     shift 2
     left=$(( DEADLINE - $(date +%s) ))
@@ -78,12 +83,14 @@ run_step() {
         echo "$name: not run (budget: ${left} s left)" | tee -a "$RESULTS/summary.txt"
         return 0
     fi
+    local limit="$left"
+    if [ -n "$cap" ] && [ "$cap" -lt "$left" ]; then limit="$cap"; fi
     begin=$(date +%s)
     # bash -c: the step may be one of the (exported) functions below, which timeout alone cannot run
-    timeout --signal=INT --kill-after=15 "$left" bash -c '"$@"' step "$@" > "$RESULTS/$log" 2>&1
+    timeout --signal=INT --kill-after=15 "$limit" bash -c '"$@"' step "$@" > "$RESULTS/$log" 2>&1
     rc=$?
     local note=""
-    [ "$rc" -eq 124 ] && note=" (stopped: budget)"
+    [ "$rc" -eq 124 ] && note=" (stopped: $([ "$limit" = "$left" ] && echo budget || echo "its ${limit} s cap"))"
     echo "$name: exit $rc$note, $(tail -n 1 "$RESULTS/$log"), $(( $(date +%s) - begin )) s" |
         tee -a "$RESULTS/summary.txt"
     [ "$rc" -eq 0 ] || [ "$rc" -eq 124 ] || status=1
@@ -135,9 +142,10 @@ step_pytest() {
     eval "\"\$PY\" -m pytest -q -ra --durations=20 -m \"\$1\" $parallel ${LAYOUTGEN_GPU_CHECK_PYTEST_ARGS:-}"
 }
 
+# The op benches, the ones with targets to check first (GroupNorm+SiLU, then the noise ops), then any other.
 step_op_benches() {
-    local rc=0 bench name
-    for bench in benchmarks/bench_*.py; do
+    local rc=0 bench name first="benchmarks/bench_group_norm_silu.py benchmarks/bench_noise_ops.py"
+    for bench in $first $(ls benchmarks/bench_*.py | grep -v -e bench_group_norm_silu.py -e bench_noise_ops.py); do
         name="$(basename "$bench" .py)"
         if [ "$name" = bench_data ] && ! "$PY" -c "import nvidia.dali" 2> /dev/null; then
             echo "$name: skipped (nvidia-dali is not installed)"
@@ -160,7 +168,7 @@ for s in $STEPS; do
         env) run_step environment.txt env step_env ;;
         wheels) run_step wheels.log wheels step_wheels ;;
         install) run_step install_step.log install step_install ;;
-        cuda-tests) run_step cuda_tests.log cuda-tests step_pytest cuda ;;
+        cuda-tests) run_step --cap "${LAYOUTGEN_GPU_CHECK_TESTS_CAP_S:-240}" cuda_tests.log cuda-tests step_pytest cuda ;;
         op-benches) run_step op_benches.log op-benches step_op_benches ;;
         bench) run_step bench.log "layoutgen bench" "$PY" -m layoutgen bench --device cuda --out "$RESULTS/bench" ;;
         compile-matrix)

@@ -78,6 +78,14 @@ def test_a_step_running_past_the_budget_is_stopped_and_reported(tmp_path):
     assert (results / "tests.log").exists()
 
 
+def test_the_cuda_tests_stop_at_their_own_cap_within_a_larger_budget(tmp_path):
+    proc, out, _ = run_check(tmp_path, "cuda-tests", LAYOUTGEN_GPU_CHECK_TESTS_CAP_S="1",
+                             LAYOUTGEN_GPU_CHECK_MIN_STEP_S="1", LAYOUTGEN_GPU_CHECK_WORKERS="0",
+                             LAYOUTGEN_GPU_CHECK_PYTEST_ARGS="--collect-only tests")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cuda-tests: exit 124 (stopped: its 1 s cap)" in (out / "summary.txt").read_text()
+
+
 @pytest.mark.parametrize("step", ["bogus", "cuda_tests"])
 def test_an_unknown_step_is_refused_by_name(tmp_path, step):
     proc, out, _ = run_check(tmp_path, "env", step)
