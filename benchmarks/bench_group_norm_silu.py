@@ -25,7 +25,7 @@ from common import (allow_recompiles, bench_parser, copy_bandwidth_gbs, environm
 
 from layoutgen.bench.suites.group_norm_silu import (  # noqa: E402
     AUTOENCODER, CPU, DTYPES, GROUPS, MODES, QUICK_CPU, QUICK_GPU, UNET, analytic_bytes, inputs, make_fn, measure,
-    providers, runner)
+    providers, runner, target_verdicts)
 
 
 def main(argv=None) -> None:
@@ -71,6 +71,10 @@ def main(argv=None) -> None:
                                 "vs compile"]))
     print()
     print("vs eager / vs compile: speed-up over that provider (higher is faster).")
+    if on_gpu:
+        print()
+        print("Targets (bf16; the worst row of each counts):")
+        print("\n".join(target_verdicts(rows)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

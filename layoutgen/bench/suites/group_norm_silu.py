@@ -105,3 +105,30 @@ def measure(shape, dtype, channels_last, mode, provider, device, repeats) -> flo
     if fn is None:
         return None
     return time_ms(runner(fn, mode, x, w, b, dy), device, warmup=3 if device.type == "cpu" else 10, repeats=repeats)
+
+
+# The issue's targets for ours on a GPU (bf16, one run): (what, mode, column, minimum, shapes it applies to).
+TARGETS = [
+    ("forward >= 3x eager", "fwd", "vs eager", 3.0, "all"),
+    ("forward >= 1.2x torch.compile", "fwd", "vs compile", 1.2, "all"),
+    ("forward+backward >= 2x eager", "fwd+bwd", "vs eager", 2.0, "all"),
+    ("forward >= 70% of the measured copy bandwidth", "fwd", "% copy", 70.0, "autoencoder"),
+]
+
+
+def target_verdicts(rows: list[dict]) -> list[str]:
+    """One line per target: PASS or FAIL with the worst row (shape, layout and its figure), from the bench rows of
+    provider "ours" (dicts with shape "NxCxHxW", layout, mode, provider and the target's column)."""
+    autoencoder = {"x".join(map(str, s)) for s in AUTOENCODER}
+    lines = []
+    for what, mode, column, minimum, shapes in TARGETS:
+        measured = [r for r in rows if r["provider"] == "ours" and r["mode"] == mode and r.get(column) is not None
+                    and (shapes == "all" or r["shape"] in autoencoder)]
+        if not measured:
+            lines.append(f"- {what}: not measured in this run")
+            continue
+        worst = min(measured, key=lambda r: r[column])
+        verdict = "PASS" if worst[column] >= minimum else "FAIL"
+        lines.append(f"- {what}: {verdict} (worst {worst[column]:.2f} at {worst['shape']} {worst['layout']}; "
+                     f"{len(measured)} rows)")
+    return lines

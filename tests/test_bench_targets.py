@@ -1,0 +1,42 @@
+"""The GroupNorm+SiLU bench's verdicts on the issue's GPU targets, from bench rows (the GPU run prints them)."""
+from __future__ import annotations
+
+from layoutgen.bench.suites.group_norm_silu import TARGETS, target_verdicts
+
+
+def row(shape, mode, vs_eager, vs_compile, copy_pct, provider="ours", layout="NCHW"):
+    return {"shape": shape, "layout": layout, "mode": mode, "provider": provider, "vs eager": vs_eager,
+            "vs compile": vs_compile, "% copy": copy_pct}
+
+
+def good_rows():
+    return [row("16x32x512x512", "fwd", 4.0, 1.5, 80.0), row("64x512x4x4", "fwd", 3.5, 1.3, 20.0),
+            row("16x32x512x512", "fwd+bwd", 2.5, 1.1, 60.0), row("64x512x4x4", "fwd+bwd", 2.2, 1.0, 15.0),
+            row("16x32x512x512", "fwd", 1.0, 1.0, 10.0, provider="eager")]   # other providers never count
+
+
+def test_every_target_passes_on_good_rows():
+    lines = target_verdicts(good_rows())
+    assert len(lines) == len(TARGETS)
+    assert all(": PASS (" in line for line in lines), lines
+
+
+def test_the_worst_row_decides_and_is_named():
+    rows = good_rows() + [row("16x256x32x32", "fwd", 2.9, 1.4, 75.0, layout="NHWC")]
+    lines = dict(line[2:].split(": ", 1) for line in target_verdicts(rows))
+    assert lines["forward >= 3x eager"].startswith("FAIL (worst 2.90 at 16x256x32x32 NHWC; 3 rows)")
+    assert lines["forward >= 1.2x torch.compile"].startswith("PASS")
+
+
+def test_bandwidth_counts_the_autoencoder_shapes_only():
+    # the UNet row's 20% does not count; an autoencoder row under 70% does
+    lines = dict(line[2:].split(": ", 1) for line in target_verdicts(good_rows()))
+    assert lines["forward >= 70% of the measured copy bandwidth"].startswith("PASS (worst 80.00 at 16x32x512x512")
+    rows = good_rows() + [row("16x128x128x128", "fwd", 3.1, 1.3, 64.0)]
+    lines = dict(line[2:].split(": ", 1) for line in target_verdicts(rows))
+    assert lines["forward >= 70% of the measured copy bandwidth"].startswith("FAIL (worst 64.00 at 16x128x128x128")
+
+
+def test_unmeasured_targets_say_so():
+    lines = target_verdicts([row("16x32x512x512", "fwd", None, None, None)])
+    assert all("not measured in this run" in line for line in lines), lines
