@@ -68,22 +68,18 @@ def test_steps_past_the_budget_are_listed_not_run(tmp_path):
     assert "env: not run (budget" in summary and "cuda-tests: not run (budget" in summary
 
 
-def test_a_step_running_past_the_budget_is_stopped_and_reported(tmp_path):
-    # Collecting the whole suite takes several seconds (torch alone takes over one to import): stopped at 1 s.
-    proc, out, results = run_check(tmp_path, "cpu-tests", LAYOUTGEN_GPU_CHECK_BUDGET_S="1",
-                                   LAYOUTGEN_GPU_CHECK_MIN_STEP_S="1", LAYOUTGEN_GPU_CHECK_WORKERS="0",
-                                   LAYOUTGEN_GPU_CHECK_PYTEST_ARGS="--collect-only tests")
+# Collecting the whole suite takes several seconds (torch alone takes over one to import): stopped at 1 s, by the
+# whole run's budget (any step) or by the CUDA tests' own cap within a larger budget.
+@pytest.mark.parametrize("step,limit,log,stopped", [
+    ("cpu-tests", {"LAYOUTGEN_GPU_CHECK_BUDGET_S": "1"}, "tests.log", "budget"),
+    ("cuda-tests", {"LAYOUTGEN_GPU_CHECK_TESTS_CAP_S": "1"}, "cuda_tests.log", "its 1 s cap"),
+])
+def test_a_step_running_too_long_is_stopped_and_reported(tmp_path, step, limit, log, stopped):
+    proc, out, results = run_check(tmp_path, step, LAYOUTGEN_GPU_CHECK_MIN_STEP_S="1", LAYOUTGEN_GPU_CHECK_WORKERS="0",
+                                   LAYOUTGEN_GPU_CHECK_PYTEST_ARGS="--collect-only tests", **limit)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "cpu-tests: exit 124 (stopped: budget)" in (out / "summary.txt").read_text()
-    assert (results / "tests.log").exists()
-
-
-def test_the_cuda_tests_stop_at_their_own_cap_within_a_larger_budget(tmp_path):
-    proc, out, _ = run_check(tmp_path, "cuda-tests", LAYOUTGEN_GPU_CHECK_TESTS_CAP_S="1",
-                             LAYOUTGEN_GPU_CHECK_MIN_STEP_S="1", LAYOUTGEN_GPU_CHECK_WORKERS="0",
-                             LAYOUTGEN_GPU_CHECK_PYTEST_ARGS="--collect-only tests")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "cuda-tests: exit 124 (stopped: its 1 s cap)" in (out / "summary.txt").read_text()
+    assert f"{step}: exit 124 (stopped: {stopped})" in (out / "summary.txt").read_text()
+    assert (results / log).exists()
 
 
 @pytest.mark.parametrize("step", ["bogus", "cuda_tests"])
