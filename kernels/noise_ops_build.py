@@ -71,7 +71,10 @@ def cuda_toolkit_root() -> str | None:
 
 
 def use_cuda_toolkit_root(cpp_extension) -> None:
-    """Points torch.utils.cpp_extension (already imported) at cuda_toolkit_root(), where that differs from its guess."""
+    """Points torch.utils.cpp_extension (already imported) at cuda_toolkit_root(), where that differs from its guess.
+    Nothing to do (and no nvcc to run) for a torch without CUDA, which builds the CPU ops only."""
+    if torch.version.cuda is None:
+        return
     root = cuda_toolkit_root()
     if root is not None and cpp_extension.CUDA_HOME is not None and not _has_cuda_runtime(cpp_extension.CUDA_HOME):
         cpp_extension.CUDA_HOME = root

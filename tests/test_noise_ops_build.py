@@ -75,7 +75,7 @@ def no_cuda_env(monkeypatch):
         monkeypatch.delenv(name)
 
 
-def test_a_wrapper_nvcc_leads_to_its_real_toolkit(tmp_path, monkeypatch, no_cuda_env):
+def test_a_wrapper_nvcc_leads_to_its_real_toolkit(tmp_path, monkeypatch, no_cuda_env, cuda_torch):
     root = fake_toolkit(tmp_path)
     monkeypatch.setenv("PATH", fake_nvcc_wrapper(tmp_path, root) + os.pathsep + os.environ["PATH"])
     assert build.cuda_toolkit_root() == root
@@ -83,6 +83,11 @@ def test_a_wrapper_nvcc_leads_to_its_real_toolkit(tmp_path, monkeypatch, no_cuda
     wrong = SimpleNamespace(CUDA_HOME=str(tmp_path / "wrapper"))   # cpp_extension's guess: the wrapper's parent
     build.use_cuda_toolkit_root(wrong)
     assert wrong.CUDA_HOME == root and os.environ["CUDA_HOME"] == root
+
+    monkeypatch.setattr(torch.version, "cuda", None)   # a CPU torch builds no CUDA: its guess is left alone
+    cpu_guess = SimpleNamespace(CUDA_HOME=str(tmp_path / "wrapper"))
+    build.use_cuda_toolkit_root(cpu_guess)
+    assert cpu_guess.CUDA_HOME == str(tmp_path / "wrapper")
 
 
 def test_no_change_where_the_guess_is_right_or_nothing_better_is_found(tmp_path, monkeypatch, no_cuda_env):
