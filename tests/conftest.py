@@ -37,3 +37,13 @@ def _one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def triton_cpu():
+    """Skips a test of the Triton kernels on CPU tensors where they cannot run here (compiled for a GPU, or no
+    triton)."""
+    from triton_support import triton_skip_reason
+    reason = triton_skip_reason("cpu")
+    if reason:
+        pytest.skip(reason)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from layoutgen.kernels import GroupNormSiLU, backend, group_norm_silu, group_norm_silu_ref, use_backend
+from triton_support import triton_skip_reason
 
 
 def gen(seed: int) -> torch.Generator:
@@ -247,30 +248,13 @@ gns_module = importlib.import_module("layoutgen.kernels.group_norm_silu")
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-def _triton_skip_reason(device: str) -> str | None:
-    if not backend.TRITON_INSTALLED:
-        return "triton is not installed"
-    if device == "cpu":
-        triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
-        if not triton_impl.INTERPRETED:
-            return "the Triton kernels were compiled for a GPU (TRITON_INTERPRET is not 1); the CUDA tests cover them"
-    return None
-
-
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def device(request):
     """Runs the test with the 'triton' backend on this device (skipped where the kernels cannot run)."""
-    reason = _triton_skip_reason(request.param)
+    reason = triton_skip_reason(request.param)
     if reason:
         pytest.skip(reason)
     return request.param
-
-
-@pytest.fixture
-def triton_cpu():
-    reason = _triton_skip_reason("cpu")
-    if reason:
-        pytest.skip(reason)
 
 
 def check_policy(got: torch.Tensor, eager: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -583,8 +567,8 @@ def _project_blocks():
 @pytest.mark.parametrize("name", ["resnet", "attention", "encoder"])
 @pytest.mark.parametrize("kernel_backend", ["reference", "triton"])
 def test_blocks_trace_without_graph_breaks(name, kernel_backend):
-    if kernel_backend == "triton" and _triton_skip_reason("cpu"):
-        pytest.skip(_triton_skip_reason("cpu"))
+    if kernel_backend == "triton" and triton_skip_reason("cpu"):
+        pytest.skip(triton_skip_reason("cpu"))
     torch._dynamo.reset()
     model, inputs = _project_blocks()[name]
     with use_backend(kernel_backend):
@@ -613,8 +597,8 @@ def test_blocks_compile_fullgraph_with_triton(triton_cpu, name):
 
 @pytest.mark.parametrize("kernel_backend", ["reference", "triton"])
 def test_module_compiles_with_inductor(kernel_backend):
-    if kernel_backend == "triton" and _triton_skip_reason("cpu"):
-        pytest.skip(_triton_skip_reason("cpu"))
+    if kernel_backend == "triton" and triton_skip_reason("cpu"):
+        pytest.skip(triton_skip_reason("cpu"))
     torch._dynamo.reset()
     module = GroupNormSiLU(4, 16)
     x = randn(2, 16, 5, 6, seed=48).requires_grad_(True)
@@ -632,8 +616,8 @@ def test_module_compiles_with_inductor(kernel_backend):
 @pytest.mark.cuda
 def test_cuda_auto_backend_runs_the_kernels(monkeypatch):
     """The CUDA counterpart of test_auto_backend_uses_reference_on_cpu: auto means Triton on CUDA tensors."""
-    if _triton_skip_reason("cuda"):
-        pytest.skip(_triton_skip_reason("cuda"))
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
     calls = []
     real = gns_module._triton_impl
     monkeypatch.setattr(gns_module, "_triton_impl", lambda: calls.append(1) or real())
@@ -646,8 +630,8 @@ def test_cuda_auto_backend_runs_the_kernels(monkeypatch):
 @pytest.mark.parametrize("name", ["resnet", "attention", "encoder"])
 def test_cuda_blocks_compile_fullgraph(name):
     """Inductor with fullgraph=True over the project's blocks on CUDA (auto: the Triton op), against eager."""
-    if _triton_skip_reason("cuda"):
-        pytest.skip(_triton_skip_reason("cuda"))
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
     torch._dynamo.reset()
     model, inputs = _project_blocks()[name]
     model = model.cuda()
@@ -679,15 +663,15 @@ def test_cuda_blocks_compile_fullgraph(name):
 @pytest.mark.parametrize("shape", [(4, 32, 128, 128), (16, 256, 32, 32), (64, 512, 4, 4), (2, 64, 97, 61)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_cuda_seed_shapes(shape, dtype, channels_last):
-    if _triton_skip_reason("cuda"):
-        pytest.skip(_triton_skip_reason("cuda"))
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
     compare_with_float64(shape, 8, dtype, "cuda", channels_last, seed=49)
 
 
 @pytest.mark.cuda
 def test_cuda_autotuned_path(monkeypatch):
-    if _triton_skip_reason("cuda"):
-        pytest.skip(_triton_skip_reason("cuda"))
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
     monkeypatch.setenv("LAYOUTGEN_TRITON_AUTOTUNE", "1")
     for shape in [(2, 32, 64, 64), (8, 64, 8, 8)]:
         compare_with_float64(shape, 8, torch.bfloat16, "cuda", seed=50)
@@ -697,8 +681,8 @@ def test_cuda_autotuned_path(monkeypatch):
 @pytest.mark.slow
 def test_cuda_more_than_2_31_elements():
     """A bf16 input of 2**31 + 2**24 elements (4.3 GB): offsets past int32 in the last sample."""
-    if _triton_skip_reason("cuda"):
-        pytest.skip(_triton_skip_reason("cuda"))
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
         pytest.skip("needs 40 GB of GPU memory")
     x = torch.randn(129, 64, 512, 512, device="cuda", dtype=torch.bfloat16)

@@ -2,31 +2,19 @@
 fails (triton <= 3.6 with NumPy >= 2.4 cannot run loops over a runtime bound: triton-lang/triton#9171)."""
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from layoutgen.kernels import backend, group_norm_silu, use_backend
+from layoutgen.kernels import group_norm_silu, use_backend
 
 
-@pytest.fixture
-def interpreted():
-    if not backend.TRITON_INSTALLED:
-        pytest.skip("triton is not installed")
-    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
-    if not triton_impl.INTERPRETED:
-        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET is not 1)")
-    return triton_impl
-
-
-def test_the_probe_passes_with_the_installed_triton_and_numpy(interpreted):
+def test_the_probe_passes_with_the_installed_triton_and_numpy(triton_cpu):
     # The test environment installs a triton whose interpreter works (the chunked kernel tests depend on it).
     from layoutgen.kernels.triton_interpreter import interpreter_problem
     assert interpreter_problem() is None
 
 
-def test_a_failing_interpreter_is_refused_with_its_remedy(interpreted, monkeypatch):
+def test_a_failing_interpreter_is_refused_with_its_remedy(triton_cpu, monkeypatch):
     from layoutgen.kernels import triton_interpreter
     monkeypatch.setattr(triton_interpreter, "interpreter_problem",
                         lambda: "triton 3.6.0's interpreter cannot run a loop over a runtime bound with NumPy 2.4.0 "
@@ -38,7 +26,7 @@ def test_a_failing_interpreter_is_refused_with_its_remedy(interpreted, monkeypat
     assert "triton-lang/triton#9171" in message and "numpy<2.4" in message and "'reference' backend" in message
 
 
-def test_the_probe_reports_an_interpreter_error(interpreted, monkeypatch):
+def test_the_probe_reports_an_interpreter_error(triton_cpu, monkeypatch):
     from layoutgen.kernels import triton_interpreter
 
     class Broken:
