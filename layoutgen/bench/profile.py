@@ -233,8 +233,10 @@ def _profile(config, steps, out, device, overrides, top, log) -> dict:
     top_ops = [{"name": e.key, "calls": e.count, "self ms": (e.self_device_time_total if on_gpu
                                                                else e.self_cpu_time_total) / 1e3,
                 "total ms": (e.device_time_total if on_gpu else e.cpu_time_total) / 1e3} for e in averages]
-    kernels = project_kernel_bandwidth(prof.events(), on_gpu, machine["copy_bandwidth_gbs"],
-                                       _kineto_input_dtypes(prof))
+    events = prof.events()
+    # Only where the events carry no input dtypes (torch 2.11) are they read from the Kineto results.
+    dtypes = _kineto_input_dtypes(prof) if events and not hasattr(events[0], "input_dtypes") else None
+    kernels = project_kernel_bandwidth(events, on_gpu, machine["copy_bandwidth_gbs"], dtypes)
     if not kernels:
         notes.append(f"no project kernel ran: kernel backend {get_backend()!r}, GroupNorm+SiLU on {dev.type}: "
                      f"{group_norm_silu_path(dev)}")
