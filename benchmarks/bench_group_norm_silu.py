@@ -73,8 +73,9 @@ def main(argv=None) -> None:
     print("vs eager / vs compile: speed-up over that provider (higher is faster).")
     if on_gpu:
         print()
-        print("Targets (bf16; the worst row of each counts):")
-        print("\n".join(target_verdicts(rows)))
+        for provider in [p for p in names if p.startswith("ours")]:
+            print(f"Targets for {provider} (bf16; the worst row of each counts):")
+            print("\n".join(target_verdicts(rows, provider)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

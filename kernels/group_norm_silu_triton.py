@@ -275,17 +275,10 @@ def _bwd_partials_kernel(DY, X, W, B, Mean, Rstd, PA, PB, G, C, CPG, S, CHUNK_S,
 
 
 @triton.jit
-def _bwd_dx_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, G, C, CPG, S, CHUNK_S, K,
-                   sdn, sdc, sds, sxn, sxc, sxs, sgn, sgc, sgs,
-                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, INDEX_64: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)   # reverse order: L2 reuse of the partials kernel's last reads
-    k = tl.num_programs(1) - 1 - tl.program_id(1)
-    n = pid // G
-    g = pid % G
-    mean = tl.load(Mean + pid)
-    rstd = tl.load(Rstd + pid)
-    # Group sums of w * A and w * B, each channel's A / B summed over the K chunks in a fixed order.
+def _group_coefficients(PA, PB, W, B, n, g, C, CPG, S, K, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """mean_group(w dz) and mean_group(w dz xhat) of group (n, g) from the partials PA / PB[(n * K + k) * C + c]:
+    each channel's A / B summed over the K chunks, then over the channels, in a fixed order (deterministic)."""
     acc1 = tl.zeros((BLOCK_C,), tl.float32)
     acc2 = tl.zeros((BLOCK_C,), tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
@@ -304,8 +297,21 @@ def _bwd_dx_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, G, C, CPG, S, CHUNK_S, K
         acc1 += w * a
         acc2 += w * bb
     count = CPG * 1.0 * S   # float: CPG * S may not fit in int32
-    c1 = tl.sum(acc1, axis=0) / count
-    c2 = tl.sum(acc2, axis=0) / count
+    return tl.sum(acc1, axis=0) / count, tl.sum(acc2, axis=0) / count
+
+
+@triton.jit
+def _bwd_dx_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, G, C, CPG, S, CHUNK_S, K,
+                   sdn, sdc, sds, sxn, sxc, sxs, sgn, sgc, sgs,
+                   HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, INDEX_64: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)   # reverse order: L2 reuse of the partials kernel's last reads
+    k = tl.num_programs(1) - 1 - tl.program_id(1)
+    n = pid // G
+    g = pid % G
+    mean = tl.load(Mean + pid)
+    rstd = tl.load(Rstd + pid)
+    c1, c2 = _group_coefficients(PA, PB, W, B, n, g, C, CPG, S, K, HAS_W, HAS_B, BLOCK_C, BLOCK_K)
     s_begin = k * CHUNK_S
     s_end = tl.minimum(s_begin + CHUNK_S, S)
     n64 = n.to(tl.int64)
@@ -442,8 +448,12 @@ def _view_ncs(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _plan(n: int, groups: int, cpg: int, s: int, device: torch.device) -> tuple[str, int, int]:
@@ -452,8 +462,7 @@ def _plan(n: int, groups: int, cpg: int, s: int, device: torch.device) -> tuple[
     if tile <= SINGLE_MAX_ELEMS:
         return "single", s, 1
     if device.type == "cuda":
-        target = TARGET_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else
-                                                     torch.cuda.current_device())
+        target = TARGET_PROGRAMS_PER_SM * _sm_count(device)
     else:
         target = CPU_TARGET_PROGRAMS
     chunks = max(1, min(MAX_CHUNKS, math.ceil(target / max(1, n * groups)),
@@ -462,6 +471,24 @@ def _plan(n: int, groups: int, cpg: int, s: int, device: torch.device) -> tuple[
     if chunk_s > 32:
         chunk_s = math.ceil(chunk_s / 32) * 32   # whole 32-wide blocks
     return "chunked", chunk_s, math.ceil(s / chunk_s)
+
+
+def _one_pass():
+    # Imported when first used: it imports this module's kernel helpers.
+    from layoutgen.kernels import group_norm_silu_one_pass
+    return group_norm_silu_one_pass
+
+
+def _one_pass_plan(cpg: int, s: int, device: torch.device) -> tuple[int, int] | None:
+    """(CHUNK_S, K) of the one-pass chunked kernels where they are selected and apply, else None (two-pass)."""
+    one_pass = _one_pass()
+    if one_pass.chunked_path.get() != "one-pass":
+        return None
+    if device.type == "cuda":
+        max_chunks = _sm_count(device)
+    else:
+        max_chunks = one_pass.CPU_MAX_CHUNKS
+    return one_pass.plan(cpg, s, max_chunks)
 
 
 def _flags(weight, bias, silu, c, s) -> dict:
@@ -493,6 +520,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         _launch("fwd_single", (n * num_groups,),
                 (x3, y3, w_arg, b_arg, mean, rstd, num_groups, cpg, s, *x3.stride(), *y3.stride(), eps),
                 meta, (), x.device)
+        return y, mean, rstd
+    one_pass_plan = _one_pass_plan(cpg, s, x.device)   # path is "chunked" here
+    if one_pass_plan is not None:
+        _one_pass().forward(x3, y3, w_arg, b_arg, mean, rstd, num_groups, eps, flags, *one_pass_plan, INTERPRETED)
         return y, mean, rstd
     block_c = min(triton.next_power_of_2(cpg), 128)
     pmean = torch.empty((n * num_groups, k), dtype=torch.float32, device=x.device)
@@ -539,8 +570,15 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bia
     flags = _flags(weight, bias, silu, c, s)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     path, chunk_s, k = _plan(n, num_groups, cpg, s, x.device)
+    one_pass_plan = _one_pass_plan(cpg, s, x.device) if path == "chunked" else None
+    if one_pass_plan is not None:
+        chunk_s, k = one_pass_plan
     partials = torch.empty((2, n, k, c), dtype=torch.float32, device=x.device)   # [A; B]
     pa, pb = partials[0], partials[1]
+    if one_pass_plan is not None:
+        _one_pass().backward(dy3, x3, dx3, w_arg, b_arg, mean, rstd, pa, pb, num_groups, flags, chunk_s, k,
+                             INTERPRETED)
+        return dx, *param_grads(partials)
     if path == "single":
         block_c, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
         meta = dict(flags, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_single_warps(2 * block_c * block_s))
@@ -565,27 +603,34 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bia
 # Compile check without a GPU: python -m layoutgen.kernels.group_norm_silu_triton
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _signature(fn, values: dict) -> tuple[dict, dict]:
-    """Triton's launch-time signature for these argument values: pointers given as type strings ('*bf16'), ints equal
-    to 1 specialised to constants as the launcher does."""
-    sig, consts = {}, {}
-    for p in fn.params:
+def _signature(fn, values: dict) -> tuple[dict, dict, dict]:
+    """Triton's launch-time signature for these argument values, as its launcher builds it: pointers given as type
+    strings ('*bf16'), ints equal to 1 specialised to constants, and the divisibility-by-16 attribute on pointers
+    (assumed 16-byte aligned, as torch's allocations are) and on ints that are multiples of 16. Without that
+    attribute the compiler cannot prove alignment and emits scalar loads and stores."""
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
         v = values[p.name]
         if p.is_constexpr or (type(v) is int and v == 1):
             sig[p.name], consts[p.name] = "constexpr", v
-        elif isinstance(v, str):
+            continue
+        if isinstance(v, str):
             sig[p.name] = v
         elif isinstance(v, float):
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i64" if abs(v) >= 2 ** 31 else "i32"
-    return sig, consts
+        if isinstance(v, str) or (type(v) is int and v % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
 def compile_check(arch: int = 90) -> int:
     """Compiles every kernel for sm_`arch` in representative specialisations (layouts, flags, 64-bit offsets, the
     size-1 corner cases, a stride-0 gradient) without a GPU; returns how many. Triton's interpreter, which runs the
-    tests on a CPU, accepts code the compiler refuses, so CI runs this too."""
+    tests on a CPU, accepts code the compiler refuses, so CI runs this too. In the aligned bf16 NCHW case every
+    kernel must load and store x / y / dy / dx with 16-byte vector instructions (a scalar 2-byte access would cost
+    the bandwidth these kernels exist for); a kernel that does not is an error naming it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if INTERPRETED:
@@ -595,10 +640,14 @@ def compile_check(arch: int = 90) -> int:
 
     def build(fn, num_warps=4, **values):
         nonlocal count
-        sig, consts = _signature(fn, values)
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                       options={"num_warps": num_warps})
+        vectors_expected = values.pop("vectors_expected", False)
+        sig, consts, attrs = _signature(fn, values)
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                                options={"num_warps": num_warps})
         count += 1
+        if vectors_expected and "ld.global.v4" not in kernel.asm["ptx"]:
+            raise RuntimeError(f"compile_check: {fn.__name__} reads aligned bf16 NCHW data without 16-byte vector "
+                               f"loads (scalar accesses)")
 
     for dtype, layout, flags, index_64 in [("*bf16", "nchw", (True, True, True), False),
                                            ("*bf16", "nhwc", (True, True, True), True),
@@ -613,6 +662,7 @@ def compile_check(arch: int = 90) -> int:
         g = dict(DY=dtype, DX=dtype, sdn=xs[0], sdc=xs[1], sds=xs[2], sgn=xs[0], sgc=xs[1], sgs=xs[2])
         params = dict(W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", G=groups, CPG=cpg, S=s)
         chunk = dict(CHUNK_S=512, K=8, BLOCK_C=4, BLOCK_S=256)
+        x["vectors_expected"] = dtype == "*bf16" and layout == "nchw"
         build(_fwd_single_kernel, 8, **x, **y, **params, **f, eps=1e-5, BLOCK_C=4, BLOCK_S=1024)
         build(_fwd_stats_kernel, **x, PMean="*fp32", PM2="*fp32", G=groups, CPG=cpg, S=s, **chunk,
               INDEX_64=index_64)
@@ -620,6 +670,12 @@ def compile_check(arch: int = 90) -> int:
         build(_bwd_single_kernel, 16, **x, **g, **params, PA="*fp32", PB="*fp32", C=c, BLOCK_C=4, BLOCK_S=1024, **f)
         build(_bwd_partials_kernel, **x, **g, **params, PA="*fp32", PB="*fp32", C=c, **chunk, **f)
         build(_bwd_dx_kernel, **x, **g, **params, PA="*fp32", PB="*fp32", C=c, **chunk, BLOCK_K=8, **f)
+        one_pass = dict(Sync="*i32", NG=2 * groups, CHUNK_S=2048, K=2, PHASE=0, MAX_SPINS=2 ** 22, BLOCK_C=4,
+                        BLOCK_S=2048, BLOCK_K=2)
+        build(_one_pass()._fwd_one_pass_kernel, 8, **x, **y, **params, PMean="*fp32", PM2="*fp32", eps=1e-5,
+              **one_pass, **f)
+        build(_one_pass()._bwd_one_pass_kernel, 16, **x, **g, **params, PA="*fp32", PB="*fp32", Coef="*fp32", C=c,
+              **one_pass, **f)
     # Size-1 corners (CPG, S, G, CHUNK_S equal to 1 become constants) and an all-stride-0 (expanded) gradient.
     corner = dict(W="*fp32", B="*fp32", Mean="*fp32", Rstd="*fp32", HAS_W=True, HAS_B=False, SILU=True,
                   INDEX_64=False)

@@ -40,3 +40,35 @@ def test_bandwidth_counts_the_autoencoder_shapes_only():
 def test_unmeasured_targets_say_so():
     lines = target_verdicts([row("16x32x512x512", "fwd", None, None, None)])
     assert all("not measured in this run" in line for line in lines), lines
+
+
+def test_each_provider_of_ours_is_judged_on_its_own_rows():
+    # a slow one-pass row fails the one-pass provider's verdict and leaves the default provider's alone
+    rows = good_rows() + [row("16x32x512x512", "fwd", 3.2, 1.25, 55.0, provider="ours-1pass")]
+    default = dict(line[2:].split(": ", 1) for line in target_verdicts(rows))
+    one_pass = dict(line[2:].split(": ", 1) for line in target_verdicts(rows, "ours-1pass"))
+    assert default["forward >= 70% of the measured copy bandwidth"].startswith("PASS (worst 80.00")
+    assert one_pass["forward >= 70% of the measured copy bandwidth"].startswith("FAIL (worst 55.00")
+    assert one_pass["forward+backward >= 2x eager"] == "not measured in this run"
+
+
+def test_the_ours_providers_run_the_kernels_they_name(triton_cpu, monkeypatch):
+    """The bench's GPU providers, run here in the interpreter: "ours" runs the two-pass chunked forward and
+    "ours-1pass" the one-pass one, and both compute what eager does (a 32-channel 48x48 input: chunked path)."""
+    import torch
+
+    from layoutgen.bench.suites import group_norm_silu as suite
+    from layoutgen.kernels import group_norm_silu_one_pass as one_pass
+
+    launches = []
+    real_forward = one_pass.forward
+    monkeypatch.setattr(one_pass, "forward", lambda *a: launches.append(a[-2]) or real_forward(*a))
+    cpu = torch.device("cpu")
+    x, w, b, _ = suite.inputs((1, 32, 48, 48), cpu, torch.float32, False, requires_grad=False)
+    want = suite.make_fn("eager", 32, cpu, torch.float32, x)(x, w, b)
+    counts = {}
+    for provider in ("ours", "ours-1pass"):
+        got = suite.make_fn(provider, 32, cpu, torch.float32, x)(x, w, b)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        counts[provider] = len(launches)
+    assert counts == {"ours": 0, "ours-1pass": 1} and launches == [2]   # two chunks of 2048 positions a group

@@ -324,16 +324,32 @@ def test_triton_other_spatial_ranks(device, shape, groups):
     compare_with_float64(shape, groups, torch.float32, device, seed=5)
 
 
-@pytest.fixture(params=["single", "chunked"])
+one_pass = importlib.import_module("layoutgen.kernels.group_norm_silu_one_pass")
+
+
+@pytest.fixture(params=["single", "chunked", "one-pass"])
 def path(request, monkeypatch):
-    """Forces the launchers' single-pass or chunked path (several chunks, the last one partial)."""
-    if request.param == "chunked":
+    """Forces the launchers' single-pass, chunked (two-pass forward) or one-pass chunked forward path, with several
+    chunks, the last one partial (the backward of "one-pass" is the chunked one)."""
+    if request.param != "single":
         triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
         monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)
         monkeypatch.setattr(triton_impl, "MIN_CHUNK_ELEMS", 1)
         monkeypatch.setattr(triton_impl, "CPU_TARGET_PROGRAMS", 24)
         monkeypatch.setattr(triton_impl, "TARGET_PROGRAMS_PER_SM", 64)
-    return request.param
+    if request.param == "one-pass":
+        # 7x9 and 24x24 groups of 4 or 5 channels: chunks of 8 or 16 positions, 8 to 36 of them.
+        monkeypatch.setattr(one_pass, "MAX_TILE", 64)
+        monkeypatch.setattr(one_pass, "MIN_CHUNK_S", 4)
+        monkeypatch.setattr(one_pass, "CPU_MAX_CHUNKS", 128)
+        launches = []
+        real_forward = one_pass.forward
+        monkeypatch.setattr(one_pass, "forward", lambda *a: launches.append(a[-2]) or real_forward(*a))
+        with one_pass.chunked_path.use("one-pass", "test"):
+            yield request.param
+        assert launches and min(launches) > 1, "the one-pass kernel did not run, or ran with one chunk a group"
+        return
+    yield request.param
 
 
 @pytest.mark.parametrize("affine,activation,channels_last", [(True, "silu", False), (False, "silu", True),
@@ -351,6 +367,77 @@ def test_triton_plan(triton_cpu):
     assert kind == "chunked" and k > 1 and chunk_s * (k - 1) < 2304 <= chunk_s * k
     assert triton_impl._flags(None, None, True, 32, 2 ** 26)["INDEX_64"] is True
     assert triton_impl._flags(None, None, True, 32, 2 ** 26 - 1)["INDEX_64"] is False
+
+
+@pytest.mark.parametrize("cpg,s,max_chunks,expected", [
+    (4, 512 * 512, 132, (2048, 128)),   # the autoencoder at 512x512 on an H100: 128 chunks of 4 x 2048
+    (8, 256 * 256, 132, (1024, 64)),
+    (32, 64 * 64, 132, (256, 16)),
+    (5, 7 * 9, 132, (64, 1)),
+    (4, 512 * 512, 100, None),          # more chunks than SMs: not every chunk of a group could be resident
+    (512, 64, 132, None),               # a chunk of MAX_TILE elements would hold fewer than 32 positions
+])
+def test_one_pass_plan(cpg, s, max_chunks, expected):
+    got = one_pass.plan(cpg, s, max_chunks)
+    assert got == expected
+    if got is not None:
+        chunk_s, chunks = got
+        assert chunk_s & (chunk_s - 1) == 0 and triton_next_pow2(cpg) * chunk_s <= one_pass.MAX_TILE
+        assert (chunks - 1) * chunk_s < s <= chunks * chunk_s <= max(s, chunk_s) + chunk_s
+
+
+def triton_next_pow2(v: int) -> int:
+    return 1 << (v - 1).bit_length()
+
+
+def test_one_pass_is_chosen_in_one_place(monkeypatch, triton_cpu):
+    """Two-pass by default; LAYOUTGEN_GN_CHUNKED or chunked_path.use selects one-pass; a bad name names its source."""
+    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)
+    assert one_pass.chunked_path.get() == "two-pass"
+    assert triton_impl._one_pass_plan(4, 4096, cpu) is None
+    monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "one-pass")
+    assert triton_impl._one_pass_plan(4, 4096, cpu) == one_pass.plan(4, 4096, one_pass.CPU_MAX_CHUNKS)
+    with one_pass.chunked_path.use("two-pass", "test"):
+        assert triton_impl._one_pass_plan(4, 4096, cpu) is None
+    monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "single-pass")
+    with pytest.raises(ValueError, match="LAYOUTGEN_GN_CHUNKED.*single-pass"):
+        one_pass.chunked_path.get()
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_one_pass_wait_is_bounded_and_a_timeout_is_loud(triton_cpu, monkeypatch, direction):
+    """The GPU launch (PHASE 0) run in the interpreter, where programs run one after another so no program but the
+    last of its group can see the group complete: each other one must give up after MAX_SPINS polls, count a timeout
+    and write NaN, rather than hang; the last one of each group merges and writes the right values."""
+    monkeypatch.setattr(one_pass, "MAX_SPINS", 3)
+    n, c, s, groups = 2, 8, 40, 2
+    chunk_s, chunks = 16, 3
+    tail = slice((chunks - 1) * chunk_s, None)   # the last chunk of every group
+    x3 = randn(n, c, s, seed=35).requires_grad_(True)
+    flags = dict(HAS_W=False, HAS_B=False, SILU=True, INDEX_64=False)
+    y_ref = group_norm_silu_ref(x3, groups)
+    x3d = x3.detach()
+    mean = x3d.view(n, groups, -1).mean(-1)
+    rstd = (x3d.view(n, groups, -1).var(-1, unbiased=False) + 1e-5).rsqrt()
+    if direction == "forward":
+        out, mean_out, rstd_out = torch.empty_like(x3d), torch.empty(n, groups), torch.empty(n, groups)
+        sync = one_pass.forward(x3d, out, x3d, x3d, mean_out, rstd_out, groups, 1e-5, flags, chunk_s, chunks,
+                                interpreted=False)
+        want = y_ref.detach()
+        torch.testing.assert_close(mean_out, mean)
+        torch.testing.assert_close(rstd_out, rstd, rtol=1e-5, atol=1e-5)
+    else:
+        dy = randn(n, c, s, seed=36)
+        out = torch.empty_like(x3d)
+        partials = torch.empty(2, n, chunks, c)
+        sync = one_pass.backward(dy, x3d, out, x3d, x3d, mean, rstd, partials[0], partials[1], groups, flags, chunk_s,
+                                 chunks, interpreted=False)
+        (want,) = torch.autograd.grad(y_ref, x3, dy)
+    assert one_pass.timeouts(sync) == n * groups * (chunks - 1)
+    assert torch.isnan(out[:, :, :tail.start]).all()
+    torch.testing.assert_close(out[:, :, tail], want[:, :, tail], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -372,13 +459,13 @@ def test_triton_autotuned_launch_path_on_cpu(triton_cpu, path, dtype, monkeypatc
     monkeypatch.setattr(triton_impl, "_autotune_enabled", lambda device: True)
     compare_with_float64((2, 16, 24, 24), 4, dtype, "cpu", channels_last=dtype == torch.bfloat16, seed=33)
     used = sorted(name for name, tuner in tuned.items() if tuner.cache)
-    expected = ["bwd_single", "fwd_single"] if path == "single" else ["bwd_dx", "bwd_partials", "fwd_apply",
-                                                                        "fwd_stats"]
+    expected = {"single": ["bwd_single", "fwd_single"], "chunked": ["bwd_dx", "bwd_partials", "fwd_apply", "fwd_stats"],
+                "one-pass": []}[path]   # the one-pass kernels are not autotuned (a re-run needs a fresh sync buffer)
     assert used == expected
-    assert timed, "no config was benchmarked: the pruning left one config per kernel, so nothing was tuned"
+    assert timed or not expected, "no config was benchmarked: the pruning left one config per kernel"
     for name in used:
         for config in tuned[name].cache.values():
-            if path == "chunked":
+            if path != "single":
                 assert 512 <= 4 * config.kwargs["BLOCK_S"] <= 8192, (name, config)
 
 
@@ -392,7 +479,7 @@ def test_triton_float32_params_with_bfloat16_input(device):
 
 
 def test_triton_64bit_indexing_path(device, monkeypatch):
-    """INDEX_64 (taken when C * S >= 2**31) computes the same values as the 32-bit offsets, on both paths."""
+    """INDEX_64 (taken when C * S >= 2**31) computes the same values as the 32-bit offsets, on every path."""
     triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
     x = randn(2, 16, 6, 5, seed=23).to(device)
     w, b = randn(16, seed=24).to(device), randn(16, seed=25).to(device)
@@ -403,6 +490,8 @@ def test_triton_64bit_indexing_path(device, monkeypatch):
         torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=0, atol=0)
         monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)
         torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=1e-6, atol=1e-6)
+        with one_pass.chunked_path.use("one-pass", "test"):
+            torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_triton_non_dense_input_and_expanded_grad(device):
@@ -435,15 +524,17 @@ def test_triton_empty_batch(device):
     torch.testing.assert_close(b.grad, torch.zeros_like(b))
 
 
-def test_triton_gradients_are_deterministic(device, path):
+def test_triton_outputs_and_gradients_are_deterministic(device, path):
     x = randn(2, 40, 7, 9, seed=28).to(device).requires_grad_(True)
     w = randn(40, seed=29).to(device).requires_grad_(True)
     b = randn(40, seed=30).to(device).requires_grad_(True)
     dy = randn(2, 40, 7, 9, seed=31).to(device)
+    runs = []
     with use_backend("triton"):
-        first = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x, w, b), dy)
-        second = torch.autograd.grad(group_norm_silu(x, 8, w, b), (x, w, b), dy)
-    for a, b_ in zip(first, second):
+        for _ in range(2):
+            y = group_norm_silu(x, 8, w, b)
+            runs.append((y.detach(), *torch.autograd.grad(y, (x, w, b), dy)))
+    for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
 
 
@@ -512,7 +603,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-m", "layoutgen.kernels.group_norm_silu_triton"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 28 GroupNorm+SiLU kernels for sm_90" in proc.stdout
+    assert "compiled 36 GroupNorm+SiLU kernels for sm_90" in proc.stdout
 
 
 @pytest.mark.parametrize("bad_name,shape", [("weight", (8,)), ("bias", (16, 1))])
@@ -666,6 +757,52 @@ def test_cuda_seed_shapes(shape, dtype, channels_last):
     if triton_skip_reason("cuda"):
         pytest.skip(triton_skip_reason("cuda"))
     compare_with_float64(shape, 8, dtype, "cuda", channels_last, seed=49)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(4, 32, 128, 128), (2, 64, 97, 61), (16, 256, 32, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_one_pass_path(shape, channels_last):
+    """The one-pass chunked kernels (forward and backward) at their real chunk sizes, against float64."""
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
+    with one_pass.chunked_path.use("one-pass", "test"):
+        assert importlib.import_module("layoutgen.kernels.group_norm_silu_triton")._one_pass_plan(
+            shape[1] // 8, shape[2] * shape[3], torch.device("cuda")) is not None
+        compare_with_float64(shape, 8, torch.bfloat16, "cuda", channels_last, seed=52)
+
+
+@pytest.mark.cuda
+def test_cuda_one_pass_autoencoder_shape_is_deterministic_without_timeouts(monkeypatch):
+    """The autoencoder's largest GroupNorm (16 x 32 x 512 x 512 bf16, 128 chunks a group), run concurrently for real:
+    no program times out, y and every gradient match the two-pass kernels and are bitwise the same over repeated
+    runs (the partials are merged in a fixed order whatever order the programs arrive in)."""
+    if triton_skip_reason("cuda"):
+        pytest.skip(triton_skip_reason("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(53)
+    x, dy = (torch.randn(16, 32, 512, 512, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    w, b = (torch.randn(32, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True) for _ in range(2))
+    x.requires_grad_(True)
+    syncs = []
+    for name in ("forward", "backward"):
+        real = getattr(one_pass, name)
+        monkeypatch.setattr(one_pass, name, lambda *a, real=real: syncs.append(real(*a)) or syncs[-1])
+
+    def run():
+        y = group_norm_silu(x, 8, w, b)
+        return (y.detach(), *torch.autograd.grad(y, (x, w, b), dy))
+
+    with use_backend("triton"):
+        two_pass = run()
+        with one_pass.chunked_path.use("one-pass", "test"):
+            runs = [run() for _ in range(3)]
+    assert len(syncs) == 6 and [one_pass.timeouts(s) for s in syncs] == [0] * 6
+    for other in runs[1:]:
+        assert all(torch.equal(a, b_) for a, b_ in zip(runs[0], other))
+    for got, want, name in zip(runs[0], two_pass, ["y", "dx", "dweight", "dbias"]):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * scale, msg=name)
 
 
 @pytest.mark.cuda

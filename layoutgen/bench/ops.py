@@ -57,11 +57,15 @@ def group_norm_silu_rows(device: torch.device, quick: bool, ceiling: float) -> l
         with use_backend("auto"):  # what the models call: the library's own choice on this device
             return group_norm_silu(x, gn.GROUPS, w, b)
 
+    # On a GPU also the one-pass chunked forward, side by side with the default it may replace.
+    providers = ("eager", "compile", "ours") + (("ours-1pass",) if on_gpu else ())
+    paths = {"eager": "F.group_norm + F.silu (eager)", "compile": "torch.compile of the reference", "ours": path,
+             "ours-1pass": "Triton kernels, one-pass chunked forward"}
     rows = []
     for shape in shapes:
         for mode in modes:
             fns = {}
-            for provider in ("eager", "compile", "ours"):
+            for provider in providers:
                 x, w, b, dy = gn.inputs(shape, device, dtype, False, requires_grad=mode != "fwd")
                 fn = ours if provider == "ours" else gn.make_fn(provider, shape[1], device, dtype, x)
                 fns[provider] = gn.runner(fn, mode, x, w, b, dy)
@@ -71,8 +75,7 @@ def group_norm_silu_rows(device: torch.device, quick: bool, ceiling: float) -> l
                 rate = gbs(nbytes, ms)
                 rows.append({"op": "group_norm_silu", "shape": _shape(shape), "mode": mode, "dtype": _dtype_name(dtype),
                              "provider": "reference" if provider == "eager" else provider,
-                             "path": {"eager": "F.group_norm + F.silu (eager)",
-                                      "compile": "torch.compile of the reference", "ours": path}[provider],
+                             "path": paths[provider],
                              "ms": ms, "GB/s": rate, "% bw": 100 * rate / ceiling,
                              "vs reference": times["eager"] / ms, "vs compile": times["compile"] / ms})
     return rows

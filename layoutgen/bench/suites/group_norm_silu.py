@@ -3,9 +3,11 @@
 Shapes (8 groups, the seed's): the autoencoder's (N=16, C 32..256, 512x512 down to 32x32) and the UNet's (N=64,
 C 64..512, 32x32 down to 4x4). On a CPU the same table runs at reduced sizes, comparing the reference with
 torch.compile (the Triton kernels only run there in the interpreter, which is not a speed).
-Providers: eager (F.group_norm then F.silu), compile (torch.compile of that), ours (CUDA), apex (NVIDIA apex's
-contrib NHWC GroupNorm with fused swish, when importable, on the shapes it supports natively: 16 or 32 groups and
-its channel list, so with the seed's 8 groups it has none and says so).
+Providers: eager (F.group_norm then F.silu), compile (torch.compile of that), ours (CUDA: the Triton kernels as the
+library runs them), ours-1pass (CUDA: the same with the one-pass chunked kernels, group_norm_silu_one_pass.py, which
+read every input once where the default two-pass ones read it twice; shapes on the single-pass path run the same
+kernel in both), apex (NVIDIA apex's contrib NHWC GroupNorm with fused swish, when importable, on the shapes it
+supports natively: 16 or 32 groups and its channel list, so with the seed's 8 groups it has none and says so).
 Modes: fwd, bwd (gradients of x, weight and bias from a kept graph), fwd+bwd.
 GB/s counts the bytes a fused kernel must move at least: fwd reads x and writes y, bwd reads x and dy and writes dx
 (parameters and statistics are negligible).
@@ -18,6 +20,7 @@ import torch
 
 from layoutgen.bench.timing import time_ms
 from layoutgen.kernels import group_norm_silu, group_norm_silu_ref, use_backend
+from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
 
 GROUPS = 8
 AUTOENCODER = [(16, 32, 512, 512), (16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 256, 32, 32)]
@@ -41,7 +44,7 @@ def _apex_group_norm():
 def providers(device: torch.device) -> list[str]:
     names = ["eager", "compile"]
     if device.type == "cuda":
-        names.append("ours")
+        names += ["ours", "ours-1pass"]
         if _apex_group_norm() is not None:
             names.append("apex")
     return names
@@ -54,9 +57,11 @@ def make_fn(provider: str, c: int, device: torch.device, dtype: torch.dtype, x: 
     if provider == "compile":
         compiled = torch.compile(group_norm_silu_ref, dynamic=False)
         return lambda x, w, b: compiled(x, GROUPS, w, b)
-    if provider == "ours":
+    if provider in ("ours", "ours-1pass"):
+        forward = "one-pass" if provider == "ours-1pass" else "two-pass"
+
         def ours(x, w, b):
-            with use_backend("triton"):
+            with use_backend("triton"), chunked_path.use(forward, "bench"):
                 return group_norm_silu(x, GROUPS, w, b)
         return ours
     if provider == "apex":
@@ -116,13 +121,13 @@ TARGETS = [
 ]
 
 
-def target_verdicts(rows: list[dict]) -> list[str]:
+def target_verdicts(rows: list[dict], provider: str = "ours") -> list[str]:
     """One line per target: PASS or FAIL with the worst row (shape, layout and its figure), from the bench rows of
-    provider "ours" (dicts with shape "NxCxHxW", layout, mode, provider and the target's column)."""
+    `provider` (dicts with shape "NxCxHxW", layout, mode, provider and the target's column)."""
     autoencoder = {"x".join(map(str, s)) for s in AUTOENCODER}
     lines = []
     for what, mode, column, minimum, shapes in TARGETS:
-        measured = [r for r in rows if r["provider"] == "ours" and r["mode"] == mode and r.get(column) is not None
+        measured = [r for r in rows if r["provider"] == provider and r["mode"] == mode and r.get(column) is not None
                     and (shapes == "all" or r["shape"] in autoencoder)]
         if not measured:
             lines.append(f"- {what}: not measured in this run")
