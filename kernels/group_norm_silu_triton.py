@@ -13,6 +13,7 @@ Forward, y = act(xhat * w + b) with xhat = (x - mean) * rstd, rstd = 1 / sqrt(va
   kernel writes each chunk's (mean, M2) with shifted sums (shift = the chunk's first element, which keeps
   sum-of-squares cancellation at the scale of the variance); the apply kernel merges the K partials of its group
   with Chan et al.'s pairwise formula (the same fixed order in every program, so deterministic), then writes y.
+  group_norm_silu_one_pass.py holds an opt-in alternative for this path (one launch each way, inputs read once).
 
 Backward (saves x, mean, rstd, never y; recomputes xhat and the SiLU derivative):
   dz = dy * silu'(z), silu'(z) = s (1 + z (1 - s)), s = sigmoid(z), z = xhat * w + b       (dz = dy without SiLU)
