@@ -55,14 +55,26 @@ SYNC_HEADER = 3            # sync buffer: [ticket (PHASE 0 / 1), ticket (PHASE 2
 
 
 @triton.jit
-def _work_item(Sync, K, PHASE: tl.constexpr):
-    """(n * G + g, chunk) of this program from the ticket counter, not from program_id: tickets are handed out in
-    the order programs really start (the forward-progress argument above). PHASE 2 counts its own tickets."""
+def _chunk_tile(Sync, G, CPG, S, CHUNK_S, K, PHASE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """This program's work item and tile: (group n * G + g, chunk k, sample n, channels ch and their mask, positions s,
+    the tile's mask, the chunk's length). The work item comes from the ticket counter, not from program_id: tickets
+    are handed out in the order programs really start (the forward-progress argument in the module docstring);
+    PHASE 2 counts its own tickets."""
     if PHASE == 2:
         ticket = tl.atomic_add(Sync + 1, 1)
     else:
         ticket = tl.atomic_add(Sync, 1)
-    return ticket // K, ticket % K
+    pid = ticket // K
+    k = ticket % K
+    n = pid // G
+    g = pid % G
+    s_begin = k * CHUNK_S
+    s_end = tl.minimum(s_begin + CHUNK_S, S)
+    c = tl.arange(0, BLOCK_C)
+    s = s_begin + tl.arange(0, BLOCK_S)
+    cmask = c < CPG
+    mask = cmask[:, None] & (s < s_end)[None, :]
+    return pid, k, n, g * CPG + c, cmask, s, mask, s_end - s_begin
 
 
 @triton.jit
@@ -85,22 +97,13 @@ def _fwd_one_pass_kernel(X, Y, W, B, PMean, PM2, Mean, Rstd, Sync, G, NG, CPG, S
                          HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, INDEX_64: tl.constexpr,
                          PHASE: tl.constexpr, MAX_SPINS: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid, k = _work_item(Sync, K, PHASE)
-    n = pid // G
-    g = pid % G
-    s_begin = k * CHUNK_S
-    s_end = tl.minimum(s_begin + CHUNK_S, S)
-    c = tl.arange(0, BLOCK_C)
-    s = s_begin + tl.arange(0, BLOCK_S)
-    cmask = c < CPG
-    mask = cmask[:, None] & (s < s_end)[None, :]
-    ch = g * CPG + c
+    pid, k, n, ch, cmask, s, mask, length = _chunk_tile(Sync, G, CPG, S, CHUNK_S, K, PHASE, BLOCK_C, BLOCK_S)
     n64 = n.to(tl.int64)
     x = tl.load(X + n64 * sxn + _offsets(ch, s, sxc, sxs, INDEX_64), mask=mask, other=0.0).to(tl.float32)
     arrivals = Sync + 3 + pid          # 3: SYNC_HEADER
     ready = Sync + 3 + NG + pid
     if PHASE != 2:
-        count = CPG * 1.0 * (s_end - s_begin)
+        count = CPG * 1.0 * length
         chunk_mean = tl.sum(tl.sum(x, axis=1), axis=0) / count
         d = tl.where(mask, x - chunk_mean, 0.0)
         tl.store(PMean + pid * K + k, chunk_mean)
@@ -129,16 +132,7 @@ def _bwd_one_pass_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, Coef, Sync, G, NG,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     """The backward of the module docstring of group_norm_silu_triton, x and dy read once: the chunk's per-channel
     A / B partials, then (last arrival) the group's two coefficients into Coef[2 * pid], then dx from registers."""
-    pid, k = _work_item(Sync, K, PHASE)
-    n = pid // G
-    g = pid % G
-    s_begin = k * CHUNK_S
-    s_end = tl.minimum(s_begin + CHUNK_S, S)
-    c = tl.arange(0, BLOCK_C)
-    s = s_begin + tl.arange(0, BLOCK_S)
-    cmask = c < CPG
-    mask = cmask[:, None] & (s < s_end)[None, :]
-    ch = g * CPG + c
+    pid, k, n, ch, cmask, s, mask, length = _chunk_tile(Sync, G, CPG, S, CHUNK_S, K, PHASE, BLOCK_C, BLOCK_S)
     n64 = n.to(tl.int64)
     x = tl.load(X + n64 * sxn + _offsets(ch, s, sxc, sxs, INDEX_64), mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(DY + n64 * sdn + _offsets(ch, s, sdc, sds, INDEX_64), mask=mask, other=0.0).to(tl.float32)
@@ -154,7 +148,7 @@ def _bwd_one_pass_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, Coef, Sync, G, NG,
         tl.store(PA + row, tl.sum(dz, axis=1), mask=cmask)
         tl.store(PB + row, tl.sum(dz * xhat, axis=1), mask=cmask)
         if tl.atomic_add(arrivals, 1, sem="acq_rel") == K - 1:
-            c1, c2 = _group_coefficients(PA, PB, W, B, n, g, C, CPG, S, K, HAS_W, HAS_B, BLOCK_C, BLOCK_K)
+            c1, c2 = _group_coefficients(PA, PB, W, B, n, pid % G, C, CPG, S, K, HAS_W, HAS_B, BLOCK_C, BLOCK_K)
             tl.store(Coef + 2 * pid, c1)
             tl.store(Coef + 2 * pid + 1, c2)
             tl.atomic_xchg(ready, 1, sem="release")
