@@ -61,9 +61,9 @@ def _chunk_tile(Sync, G, CPG, S, CHUNK_S, K, PHASE: tl.constexpr, BLOCK_C: tl.co
     are handed out in the order programs really start (the forward-progress argument in the module docstring);
     PHASE 2 counts its own tickets."""
     if PHASE == 2:
-        ticket = tl.atomic_add(Sync + 1, 1)
+        ticket = tl.atomic_add(Sync + 1, 1, sem="relaxed")   # orders no data: relaxed, no fence
     else:
-        ticket = tl.atomic_add(Sync, 1)
+        ticket = tl.atomic_add(Sync, 1, sem="relaxed")
     pid = ticket // K
     k = ticket % K
     n = pid // G
@@ -87,7 +87,7 @@ def _wait_ready(Sync, ready, MAX_SPINS: tl.constexpr):
         flag = tl.atomic_add(ready, 0, sem="acquire")
         spins += 1
     if flag == 0:
-        tl.atomic_add(Sync + 2, 1)
+        tl.atomic_add(Sync + 2, 1, sem="relaxed")
     return flag
 
 

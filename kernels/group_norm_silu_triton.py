@@ -646,9 +646,13 @@ def compile_check(arch: int = 90) -> int:
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                                 options={"num_warps": num_warps})
         count += 1
-        if vectors_expected and "ld.global.v4" not in kernel.asm["ptx"]:
+        ptx = kernel.asm["ptx"]
+        if vectors_expected and "ld.global.v4" not in ptx:
             raise RuntimeError(f"compile_check: {fn.__name__} reads aligned bf16 NCHW data without 16-byte vector "
                                f"loads (scalar accesses)")
+        # The one-pass kernels' barrier: release on arrival and on the ready flag, acquire when polling it.
+        if "one_pass" in fn.__name__ and not all(f".{sem}." in ptx for sem in ("acq_rel", "release", "acquire")):
+            raise RuntimeError(f"compile_check: {fn.__name__} lost the acquire / release ordering of its barrier")
 
     for dtype, layout, flags, index_64 in [("*bf16", "nchw", (True, True, True), False),
                                            ("*bf16", "nhwc", (True, True, True), True),
