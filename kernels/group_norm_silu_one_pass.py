@@ -12,7 +12,10 @@ for 3. Here each program keeps its chunk [CPG, CHUNK_S] of one group in register
    with the two-pass path's Chan et al. merge into mean and rstd, the backward into the two group coefficients of dx)
    and raises the group's ready flag;
 3. every program waits for that flag, then writes y (or dx) from the registers it still holds.
-The forward moves what a copy moves; the backward reads x and dy once and writes dx.
+The forward moves what a copy moves; the backward reads x and dy once and writes dx. (On sm_90 the release atomics
+compile to MEMBAR.ALL.GPU before the atomic and the acquire ones to CCTL.IVALL, an L1 invalidation, after it, so the
+partials and statistics read after an acquire are never stale L1 lines; the waiters read them with .cg besides.
+compile_check insists on the acquire / release PTX.)
 
 Forward progress. A program only waits for the other K - 1 programs of its group. Each program takes its work item
 from an atomic ticket counter, so work items start in ticket order whatever order the hardware starts blocks in, and
