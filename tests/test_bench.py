@@ -147,6 +147,39 @@ def test_time_interleaved_gives_each_provider_its_median():
     assert gbs(2e9, 1000.0) == pytest.approx(2.0)
 
 
+def test_training_step_runs_forward_and_backward_under_the_kernel_choice(monkeypatch):
+    """The bench's training step holds the kernel choice (backend + GroupNorm's chunked path) over the backward too,
+    which reads it (the one-pass backward is chosen when the backward runs); the choice ends with the step."""
+    from layoutgen.kernels import get_backend
+    from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
+
+    monkeypatch.delenv("LAYOUTGEN_KERNEL_BACKEND", raising=False)
+    monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", get_backend(), chunked_path.get()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", get_backend(), chunked_path.get()))
+            return grad * 2
+
+    model = torch.nn.Linear(3, 3)
+    step = bench_models.training_step(model, lambda m, b: Probe.apply(m(b["x"])).sum(), {"x": torch.randn(2, 3)},
+                                      "reference+one-pass", torch.device("cpu"))
+    before = model.weight.detach().clone()
+    step()
+    assert seen == [("forward", "reference", "one-pass"), ("backward", "reference", "one-pass")]
+    assert not torch.equal(model.weight, before)   # AdamW stepped
+    assert (get_backend(), chunked_path.get()) == ("auto", "two-pass")
+    with bench_models.kernel_choice(None):
+        assert (get_backend(), chunked_path.get()) == ("auto", "two-pass")
+
+
 def test_peak_memory_on_cpu_is_a_size_or_none():
     peak, method = peak_memory(lambda: torch.ones(64, 2 ** 20).sum(), "cpu")  # 256 MiB
     assert "RSS" in method
@@ -173,6 +206,7 @@ def test_bench_cuda_without_cuda_exits_2(capsys, tmp_path):
 def test_quick_bench_on_cuda_measures_ours_with_triton(tmp_path):
     result, _ = run_bench(quick=True, suite="ops", out=str(tmp_path), device="cuda", op_suites=["group_norm_silu"],
                           log=lambda m: None)
-    ours = [r for r in result["rows"] if r["provider"] == "ours"]
-    assert ours and all(r["path"].startswith("Triton") for r in ours)
+    ours = [r for r in result["rows"] if r["provider"] in ("ours", "ours-1pass")]
+    assert {r["provider"] for r in ours} == {"ours", "ours-1pass"}
+    assert all(r["path"].startswith("Triton") for r in ours)
     assert all(r["GB/s"] > 0 for r in ours)

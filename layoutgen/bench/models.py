@@ -8,7 +8,8 @@
 - `--quick`: the same models scaled down (64x64 images or 16x8x8 latents, batch 2, base_channels 8).
 
 Providers, measured side by side in one run from the same initial weights: "ours" (kernel backend auto: the
-fused kernels where they run natively), "reference" (backend "reference": eager PyTorch), "compile" (torch.compile
+fused kernels where they run natively), on a GPU for the autoencoder "ours-1pass" (the same with GroupNorm's one-pass
+chunked kernels), "reference" (backend "reference": eager PyTorch), "compile" (torch.compile
 of the reference model) and, for the UNet, "diffusers" (UNet2DModel of matching size: same channels, blocks per
 level, attention levels and head size, groups and class embedding, trained on the same epsilon objective).
 Figures: median step time, samples/s, peak memory (see layoutgen.bench.timing for the method per device), and
@@ -171,19 +172,33 @@ def diffusers_loss(model: torch.nn.Module, device: torch.device, amp: str) -> Ca
     return loss
 
 
+def kernel_choice(backend: str | None) -> contextlib.AbstractContextManager:
+    """The kernel choice a training step runs under: a kernel backend name ("auto", "reference", ...), optionally with
+    GroupNorm's chunked path after a "+" ("auto+one-pass"); None keeps the process's own choice."""
+    from layoutgen.kernels import use_backend
+    from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
+
+    stack = contextlib.ExitStack()
+    if backend:
+        name, _, chunked = backend.partition("+")
+        stack.enter_context(use_backend(name))
+        if chunked:
+            stack.enter_context(chunked_path.use(chunked, "layoutgen bench"))
+    return stack
+
+
 def training_step(model: torch.nn.Module, loss: Callable, batch: dict, backend: str | None,
                   device: torch.device) -> Callable[[], None]:
-    """A zero-argument training step: forward and loss (under kernel `backend`), backward, AdamW."""
-    from layoutgen.kernels import use_backend
-
+    """A zero-argument training step: forward and loss, backward (both under kernel_choice(backend): the backward
+    reads the choice too), AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
     def step():
-        with use_backend(backend) if backend else contextlib.nullcontext():
+        with kernel_choice(backend):
             value = loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
         optimizer.step()
 
     return step
@@ -199,6 +214,10 @@ def provider_models(work: Workload, device: torch.device, quick: bool
         "ours": (copy.deepcopy(work.model), work.loss, "auto", f"layoutgen kernels: GroupNorm+SiLU {ours}"),
         "reference": (copy.deepcopy(work.model), work.loss, "reference", "eager PyTorch references"),
     }
+    if device.type == "cuda" and work.name == "autoencoder":
+        # The autoencoder's 512x512 GroupNorms are where the one-pass chunked kernels apply: the whole step with them.
+        providers["ours-1pass"] = (copy.deepcopy(work.model), work.loss, "auto+one-pass",
+                                   f"layoutgen kernels: GroupNorm+SiLU {ours}, one-pass chunked kernels")
     if quick and device.type == "cpu":
         # Measured here: inductor's C++ build of the tiny autoencoder's training step took about 150 s on this
         # 2-core machine, more than the whole --quick budget.
