@@ -42,8 +42,7 @@ import warnings
 import torch
 
 from layoutgen.kernels.backend import get_backend
-from layoutgen.kernels.noise_ops_build import (CACHE_ENV, CSRC_ENV, EXTENSION_ENV, NoiseOpsStatus, _mode,
-                                               _ops_registered, _try_jit, _try_prebuilt)
+from layoutgen.kernels.noise_ops_build import EXTENSION_ENV, NoiseOpsStatus, _mode, _try_jit, _try_prebuilt
 
 PREDICTION_TYPES = ("epsilon", "v", "sample")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")

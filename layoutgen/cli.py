@@ -134,7 +134,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    import torch
     from torch.utils.data import DataLoader
 
     from layoutgen.models.autoencoder import Autoencoder

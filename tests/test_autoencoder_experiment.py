@@ -19,7 +19,7 @@ from layoutgen.training.experiment import AutoencoderExperiment
 from layoutgen.training.run import build_loaders, check_data, run_experiment
 from layoutgen.training.trainer import Trainer
 
-from tiny_configs import CODEC, HEADS, LOSS, autoencoder as tiny_autoencoder
+from tiny_configs import LOSS, autoencoder as tiny_autoencoder
 
 # 12 synthetic items, 3 for validation: 9 training items -> 2 full batches of 4 per epoch (drop_last), 6 steps.
 TINY = {

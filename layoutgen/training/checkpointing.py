@@ -37,7 +37,7 @@ from torch import nn
 
 import layoutgen
 from layoutgen.training.ema import EMA
-from layoutgen.utils.atomic import atomic_link, atomic_write_bytes
+from layoutgen.utils.atomic import atomic_link
 from layoutgen.utils.checkpoint import (
     CHECKSUM_KEY,
     CheckpointError,
