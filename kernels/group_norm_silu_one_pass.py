@@ -32,6 +32,10 @@ arrive: there each kernel is launched twice, PHASE 1 (partials, arrival, merge) 
 succeeds at once, and y or dx, re-reading the inputs). That runs every line but the concurrency; the CUDA tests run
 PHASE 0.
 
+On CUDA the chunk size and warps are tuned per shape on first use (`configs`, `choose`: each candidate timed with
+triton's do_bench, every launch with fresh sync and partial buffers), unless LAYOUTGEN_TRITON_AUTOTUNE=0 asks for
+the heuristic config, as for the two-pass kernels' triton.autotune.
+
 Chosen by `chunked_path` ("two-pass", the default until a GPU run has measured both side by side, or "one-pass";
 LAYOUTGEN_GN_CHUNKED in the environment); shapes `plan` refuses take the two-pass kernels.
 """
@@ -163,16 +167,52 @@ def _bwd_one_pass_kernel(DY, X, W, B, Mean, Rstd, DX, PA, PB, Coef, Sync, G, NG,
         tl.store(DX + n64 * sgn + _offsets(ch, s, sgc, sgs, INDEX_64), dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def plan(cpg: int, s: int, max_chunks: int) -> tuple[int, int] | None:
-    """(CHUNK_S, K) for a group of `cpg` channels and `s` positions, or None where the one-pass kernel does not apply:
-    a chunk of MAX_TILE elements would hold fewer than MIN_CHUNK_S positions, or the group needs more than
-    `max_chunks` chunks (the SM count on a GPU: the forward-progress argument above)."""
+def plan(cpg: int, s: int, max_chunks: int, max_tile: int | None = None) -> tuple[int, int] | None:
+    """(CHUNK_S, K) for a group of `cpg` channels and `s` positions in chunks of at most `max_tile` elements (default
+    MAX_TILE), or None where the one-pass kernels do not apply: a chunk would hold fewer than MIN_CHUNK_S positions,
+    or the group needs more than `max_chunks` chunks (the SM count on a GPU: the forward-progress argument)."""
+    max_tile = MAX_TILE if max_tile is None else max_tile
     block_c = triton.next_power_of_2(cpg)
-    if block_c * MIN_CHUNK_S > MAX_TILE:
+    if block_c * MIN_CHUNK_S > max_tile:
         return None
-    chunk_s = min(MAX_TILE // block_c, triton.next_power_of_2(s))
+    chunk_s = min(max_tile // block_c, triton.next_power_of_2(s))
     chunks = math.ceil(s / chunk_s)
     return (chunk_s, chunks) if chunks <= max_chunks else None
+
+
+# Tuning candidates per direction, (fraction of MAX_TILE a chunk may hold, warps); the first is the heuristic choice:
+# a full tile is 32 fp32 values a thread at 8 warps (forward: x) or 2 x 16 at 16 warps (backward: x and dy).
+CANDIDATES = {"forward": ((1, 8), (1, 16), (2, 4), (2, 8), (4, 4)),
+              "backward": ((1, 16), (1, 8), (2, 8), (2, 4), (4, 4))}
+_CHOSEN: dict[tuple, tuple[int, int, int]] = {}   # tuning key -> (CHUNK_S, K, warps)
+
+
+def configs(direction: str, cpg: int, s: int, max_chunks: int) -> list[tuple[int, int, int]]:
+    """The distinct (CHUNK_S, K, warps) candidates that apply to this group, the heuristic choice first (warps capped
+    so that every thread holds at least 8 values of a smaller tile)."""
+    found = []
+    for fraction, warps in CANDIDATES[direction]:
+        planned = plan(cpg, s, max_chunks, MAX_TILE // fraction)
+        if planned is None:
+            continue
+        tile = triton.next_power_of_2(cpg) * planned[0]
+        config = (*planned, max(1, min(warps, tile // 256)))
+        if config not in found:
+            found.append(config)
+    return found
+
+
+def choose(direction: str, key: tuple, candidates: list[tuple[int, int, int]], run, do_bench=None):
+    """The config for `key`: the first candidate without a timer, else (once per key) the fastest by `do_bench`, each
+    candidate timed through `run(config)` (which allocates fresh sync and partial buffers every launch, so repeated
+    launches are safe)."""
+    if do_bench is None or len(candidates) == 1:
+        return candidates[0]
+    key = (direction, *key)
+    if key not in _CHOSEN:
+        times = [do_bench(lambda config=config: run(config)) for config in candidates]
+        _CHOSEN[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    return _CHOSEN[key]
 
 
 def sync_buffer(groups_total: int, device: torch.device) -> torch.Tensor:
@@ -190,41 +230,66 @@ def _launch(kernel, grid: tuple[int], args: tuple, meta: dict, interpreted: bool
         kernel[grid](*args, PHASE=phase, **meta)
 
 
-def forward(x3: torch.Tensor, y3: torch.Tensor, w_arg, b_arg, mean: torch.Tensor, rstd: torch.Tensor,
-            num_groups: int, eps: float, flags: dict, chunk_s: int, chunks: int, interpreted: bool) -> torch.Tensor:
-    """y3 = GroupNorm(+SiLU)(x3), x3 / y3 [N, C, S] views; mean / rstd [N, G] filled. Returns the sync buffer."""
+def launch_forward(x3: torch.Tensor, y3: torch.Tensor, w_arg, b_arg, mean: torch.Tensor, rstd: torch.Tensor,
+                   num_groups: int, eps: float, flags: dict, config: tuple[int, int, int],
+                   interpreted: bool) -> torch.Tensor:
+    """y3 = GroupNorm(+SiLU)(x3), x3 / y3 [N, C, S] views; mean / rstd [N, G] filled; config (CHUNK_S, K, warps).
+    Returns the launch's sync buffer."""
     n, c, s = x3.shape
-    cpg = c // num_groups
+    chunk_s, chunks, warps = config
     groups_total = n * num_groups
     pmean = torch.empty((groups_total, chunks), dtype=torch.float32, device=x3.device)
     pm2 = torch.empty_like(pmean)
     sync = sync_buffer(groups_total, x3.device)
-    block_c = triton.next_power_of_2(cpg)
-    args = (x3, y3, w_arg, b_arg, pmean, pm2, mean, rstd, sync, num_groups, groups_total, cpg, s, chunk_s, chunks,
-            *x3.stride(), *y3.stride(), eps)
-    # 8 warps for a full tile: 32 fp32 values of x a thread.
-    meta = dict(flags, MAX_SPINS=MAX_SPINS, BLOCK_C=block_c, BLOCK_S=chunk_s,
-                BLOCK_K=triton.next_power_of_2(chunks), num_warps=max(4, min(8, block_c * chunk_s // 1024)))
+    args = (x3, y3, w_arg, b_arg, pmean, pm2, mean, rstd, sync, num_groups, groups_total, c // num_groups, s,
+            chunk_s, chunks, *x3.stride(), *y3.stride(), eps)
+    meta = dict(flags, MAX_SPINS=MAX_SPINS, BLOCK_C=triton.next_power_of_2(c // num_groups), BLOCK_S=chunk_s,
+                BLOCK_K=triton.next_power_of_2(chunks), num_warps=warps)
     _launch(_fwd_one_pass_kernel, (groups_total * chunks,), args, meta, interpreted)
     return sync
 
 
-def backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor, w_arg, b_arg, mean: torch.Tensor,
-             rstd: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor, num_groups: int, flags: dict, chunk_s: int,
-             chunks: int, interpreted: bool) -> torch.Tensor:
+def launch_backward(dy3: torch.Tensor, x3: torch.Tensor, dx3: torch.Tensor, w_arg, b_arg, mean: torch.Tensor,
+                    rstd: torch.Tensor, partials: torch.Tensor, num_groups: int, flags: dict,
+                    config: tuple[int, int, int], interpreted: bool) -> torch.Tensor:
     """dx3 from dy3 and x3 ([N, C, S] views) and the forward's mean / rstd; the per-chunk, per-channel partials of
-    dbias / dweight into pa / pb [N, chunks, C]. Returns the sync buffer."""
+    dbias / dweight into partials [2, N, K, C]; config (CHUNK_S, K, warps). Returns the launch's sync buffer."""
     n, c, s = x3.shape
-    cpg = c // num_groups
+    chunk_s, chunks, warps = config
     groups_total = n * num_groups
     coef = torch.empty((groups_total, 2), dtype=torch.float32, device=x3.device)
     sync = sync_buffer(groups_total, x3.device)
-    block_c = triton.next_power_of_2(cpg)
-    args = (dy3, x3, w_arg, b_arg, mean, rstd, dx3, pa, pb, coef, sync, num_groups, groups_total, c, cpg, s, chunk_s,
-            chunks, *dy3.stride(), *x3.stride(), *dx3.stride())
-    # 16 warps for a full tile: x and dy (then xhat and dz) are 2 x 16 fp32 values a thread.
-    meta = dict(flags, MAX_SPINS=MAX_SPINS, BLOCK_C=block_c, BLOCK_S=chunk_s,
-                BLOCK_K=min(triton.next_power_of_2(chunks), 32),
-                num_warps=max(4, min(16, block_c * chunk_s // 512)))
+    args = (dy3, x3, w_arg, b_arg, mean, rstd, dx3, partials[0], partials[1], coef, sync, num_groups, groups_total,
+            c, c // num_groups, s, chunk_s, chunks, *dy3.stride(), *x3.stride(), *dx3.stride())
+    meta = dict(flags, MAX_SPINS=MAX_SPINS, BLOCK_C=triton.next_power_of_2(c // num_groups), BLOCK_S=chunk_s,
+                BLOCK_K=min(triton.next_power_of_2(chunks), 32), num_warps=warps)
     _launch(_bwd_one_pass_kernel, (groups_total * chunks,), args, meta, interpreted)
     return sync
+
+
+def forward(x3, y3, w_arg, b_arg, mean, rstd, num_groups: int, eps: float, flags: dict, max_chunks: int,
+            interpreted: bool, do_bench=None) -> None:
+    """launch_forward with the config `choose` picks (tuned by `do_bench` where given, e.g. on CUDA)."""
+    n, c, s = x3.shape
+    candidates = configs("forward", c // num_groups, s, max_chunks)
+    key = (n * num_groups, c // num_groups, s, x3.dtype, x3.stride(), tuple(sorted(flags.items())))
+
+    def run(config):
+        return launch_forward(x3, y3, w_arg, b_arg, mean, rstd, num_groups, eps, flags, config, interpreted)
+
+    run(choose("forward", key, candidates, run, do_bench))
+
+
+def backward(dy3, x3, dx3, w_arg, b_arg, mean, rstd, num_groups: int, flags: dict, max_chunks: int,
+             interpreted: bool, do_bench=None) -> torch.Tensor:
+    """launch_backward with the config `choose` picks; returns the partials [2, N, K, C] (A; B)."""
+    n, c, s = x3.shape
+    candidates = configs("backward", c // num_groups, s, max_chunks)
+    key = (n * num_groups, c // num_groups, s, x3.dtype, x3.stride(), dy3.stride(), tuple(sorted(flags.items())))
+
+    def run(config):
+        partials = torch.empty((2, n, config[1], c), dtype=torch.float32, device=x3.device)
+        launch_backward(dy3, x3, dx3, w_arg, b_arg, mean, rstd, partials, num_groups, flags, config, interpreted)
+        return partials
+
+    return run(choose("backward", key, candidates, run, do_bench))

@@ -480,16 +480,23 @@ def _one_pass():
     return group_norm_silu_one_pass
 
 
-def _one_pass_plan(cpg: int, s: int, device: torch.device) -> tuple[int, int] | None:
-    """(CHUNK_S, K) of the one-pass chunked kernels where they are selected and apply, else None (two-pass)."""
+def _one_pass_max_chunks(cpg: int, s: int, device: torch.device) -> int | None:
+    """Where the one-pass chunked kernels are selected and apply to this group: the most chunks a group may have (the
+    SM count on CUDA); else None (the two-pass kernels run)."""
     one_pass = _one_pass()
     if one_pass.chunked_path.get() != "one-pass":
         return None
-    if device.type == "cuda":
-        max_chunks = _sm_count(device)
-    else:
-        max_chunks = one_pass.CPU_MAX_CHUNKS
-    return one_pass.plan(cpg, s, max_chunks)
+    max_chunks = _sm_count(device) if device.type == "cuda" else one_pass.CPU_MAX_CHUNKS
+    return max_chunks if one_pass.plan(cpg, s, max_chunks) is not None else None
+
+
+def _one_pass_timer(device: torch.device):
+    """The timer the one-pass kernels tune their chunk size and warps with (None: the heuristic config), like the
+    two-pass kernels' triton.autotune."""
+    if not _autotune_enabled(device):
+        return None
+    import triton.testing
+    return triton.testing.do_bench
 
 
 def _flags(weight, bias, silu, c, s) -> dict:
@@ -522,9 +529,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
                 (x3, y3, w_arg, b_arg, mean, rstd, num_groups, cpg, s, *x3.stride(), *y3.stride(), eps),
                 meta, (), x.device)
         return y, mean, rstd
-    one_pass_plan = _one_pass_plan(cpg, s, x.device)   # path is "chunked" here
-    if one_pass_plan is not None:
-        _one_pass().forward(x3, y3, w_arg, b_arg, mean, rstd, num_groups, eps, flags, *one_pass_plan, INTERPRETED)
+    max_chunks = _one_pass_max_chunks(cpg, s, x.device)   # path is "chunked" here
+    if max_chunks is not None:
+        _one_pass().forward(x3, y3, w_arg, b_arg, mean, rstd, num_groups, eps, flags, max_chunks, INTERPRETED,
+                            _one_pass_timer(x.device))
         return y, mean, rstd
     block_c = min(triton.next_power_of_2(cpg), 128)
     pmean = torch.empty((n * num_groups, k), dtype=torch.float32, device=x.device)
@@ -571,15 +579,13 @@ def backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bia
     flags = _flags(weight, bias, silu, c, s)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     path, chunk_s, k = _plan(n, num_groups, cpg, s, x.device)
-    one_pass_plan = _one_pass_plan(cpg, s, x.device) if path == "chunked" else None
-    if one_pass_plan is not None:
-        chunk_s, k = one_pass_plan
+    max_chunks = _one_pass_max_chunks(cpg, s, x.device) if path == "chunked" else None
+    if max_chunks is not None:
+        partials = _one_pass().backward(dy3, x3, dx3, w_arg, b_arg, mean, rstd, num_groups, flags, max_chunks,
+                                        INTERPRETED, _one_pass_timer(x.device))
+        return dx, *param_grads(partials)
     partials = torch.empty((2, n, k, c), dtype=torch.float32, device=x.device)   # [A; B]
     pa, pb = partials[0], partials[1]
-    if one_pass_plan is not None:
-        _one_pass().backward(dy3, x3, dx3, w_arg, b_arg, mean, rstd, pa, pb, num_groups, flags, chunk_s, k,
-                             INTERPRETED)
-        return dx, *param_grads(partials)
     if path == "single":
         block_c, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(s)
         meta = dict(flags, BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_single_warps(2 * block_c * block_s))

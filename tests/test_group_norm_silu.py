@@ -342,12 +342,15 @@ def path(request, monkeypatch):
         monkeypatch.setattr(one_pass, "MAX_TILE", 64)
         monkeypatch.setattr(one_pass, "MIN_CHUNK_S", 4)
         monkeypatch.setattr(one_pass, "CPU_MAX_CHUNKS", 128)
-        launches = []
-        real_forward = one_pass.forward
-        monkeypatch.setattr(one_pass, "forward", lambda *a: launches.append(a[-2]) or real_forward(*a))
+        chunks = {"forward": [], "backward": []}
+        for direction in chunks:
+            real = getattr(one_pass, f"launch_{direction}")
+            monkeypatch.setattr(one_pass, f"launch_{direction}",
+                                lambda *a, real=real, seen=chunks[direction]: seen.append(a[-2][1]) or real(*a))
         with one_pass.chunked_path.use("one-pass", "test"):
             yield request.param
-        assert launches and min(launches) > 1, "the one-pass kernel did not run, or ran with one chunk a group"
+        for direction, seen in chunks.items():
+            assert seen and min(seen) > 1, f"the one-pass {direction} did not run, or ran with one chunk a group"
         return
     yield request.param
 
@@ -386,6 +389,45 @@ def test_one_pass_plan(cpg, s, max_chunks, expected):
         assert (chunks - 1) * chunk_s < s <= chunks * chunk_s <= max(s, chunk_s) + chunk_s
 
 
+def test_one_pass_tuning_candidates():
+    """The heuristic config first; smaller chunks only where the group still fits in max_chunks chunks; warps capped
+    for small tiles; no duplicates."""
+    assert one_pass.configs("forward", 4, 512 * 512, 132) == [(2048, 128, 8), (2048, 128, 16)]
+    assert one_pass.configs("backward", 4, 512 * 512, 132) == [(2048, 128, 16), (2048, 128, 8)]
+    assert one_pass.configs("forward", 32, 64 * 64, 132) == [(256, 16, 8), (256, 16, 16), (128, 32, 4), (128, 32, 8),
+                                                             (64, 64, 4)]
+    assert one_pass.configs("forward", 5, 7 * 9, 132) == [(64, 1, 2)]
+    assert one_pass.configs("forward", 512, 64, 132) == []
+
+
+def test_one_pass_tuning_times_each_candidate_once_per_key(triton_cpu, monkeypatch):
+    """With a timer (CUDA: triton's do_bench) every candidate config runs and is timed, the fastest is kept for the
+    key and used from then on; the results stay right whichever config runs (here the last, the timer says)."""
+    triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
+    monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)   # the chunked path, where the one-pass kernels apply
+    monkeypatch.setattr(one_pass, "MAX_TILE", 256)
+    monkeypatch.setattr(one_pass, "MIN_CHUNK_S", 4)
+    monkeypatch.setattr(one_pass, "_CHOSEN", {})
+    timed = []
+
+    def stand_in_timer(fn):
+        fn()
+        timed.append(fn)
+        return -float(len(timed))   # each later candidate "faster"
+
+    monkeypatch.setattr(triton_impl, "_one_pass_timer", lambda device: stand_in_timer)
+    candidates = {d: one_pass.configs(d, 4, 16 * 16, one_pass.CPU_MAX_CHUNKS) for d in ("forward", "backward")}
+    assert [c[:2] for c in candidates["forward"]] == [(64, 4), (32, 8), (16, 16)]   # 2 groups of 4 x 16 x 16
+    assert len(candidates["backward"]) == 3
+    with one_pass.chunked_path.use("one-pass", "test"):
+        compare_with_float64((1, 8, 16, 16), 2, torch.float32, "cpu", seed=37)
+        assert len(timed) == 6
+        chosen = {key[0]: config for key, config in one_pass._CHOSEN.items()}
+        assert chosen == {d: candidates[d][-1] for d in candidates}
+        compare_with_float64((1, 8, 16, 16), 2, torch.float32, "cpu", seed=38)   # the same key: no more timing
+        assert len(timed) == 6
+
+
 def triton_next_pow2(v: int) -> int:
     return 1 << (v - 1).bit_length()
 
@@ -396,11 +438,12 @@ def test_one_pass_is_chosen_in_one_place(monkeypatch, triton_cpu):
     cpu = torch.device("cpu")
     monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)
     assert one_pass.chunked_path.get() == "two-pass"
-    assert triton_impl._one_pass_plan(4, 4096, cpu) is None
+    assert triton_impl._one_pass_max_chunks(4, 4096, cpu) is None
     monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "one-pass")
-    assert triton_impl._one_pass_plan(4, 4096, cpu) == one_pass.plan(4, 4096, one_pass.CPU_MAX_CHUNKS)
+    assert triton_impl._one_pass_max_chunks(4, 4096, cpu) == one_pass.CPU_MAX_CHUNKS
+    assert triton_impl._one_pass_max_chunks(512, 4096, cpu) is None   # too wide a group: two-pass
     with one_pass.chunked_path.use("two-pass", "test"):
-        assert triton_impl._one_pass_plan(4, 4096, cpu) is None
+        assert triton_impl._one_pass_max_chunks(4, 4096, cpu) is None
     monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "single-pass")
     with pytest.raises(ValueError, match="LAYOUTGEN_GN_CHUNKED.*single-pass"):
         one_pass.chunked_path.get()
@@ -423,8 +466,8 @@ def test_one_pass_wait_is_bounded_and_a_timeout_is_loud(triton_cpu, monkeypatch,
     rstd = (x3d.view(n, groups, -1).var(-1, unbiased=False) + 1e-5).rsqrt()
     if direction == "forward":
         out, mean_out, rstd_out = torch.empty_like(x3d), torch.empty(n, groups), torch.empty(n, groups)
-        sync = one_pass.forward(x3d, out, x3d, x3d, mean_out, rstd_out, groups, 1e-5, flags, chunk_s, chunks,
-                                interpreted=False)
+        sync = one_pass.launch_forward(x3d, out, x3d, x3d, mean_out, rstd_out, groups, 1e-5, flags,
+                                       (chunk_s, chunks, 4), interpreted=False)
         want = y_ref.detach()
         torch.testing.assert_close(mean_out, mean)
         torch.testing.assert_close(rstd_out, rstd, rtol=1e-5, atol=1e-5)
@@ -432,14 +475,15 @@ def test_one_pass_wait_is_bounded_and_a_timeout_is_loud(triton_cpu, monkeypatch,
         dy = randn(n, c, s, seed=36)
         out = torch.empty_like(x3d)
         partials = torch.empty(2, n, chunks, c)
-        sync = one_pass.backward(dy, x3d, out, x3d, x3d, mean, rstd, partials[0], partials[1], groups, flags, chunk_s,
-                                 chunks, interpreted=False)
+        sync = one_pass.launch_backward(dy, x3d, out, x3d, x3d, mean, rstd, partials, groups, flags,
+                                        (chunk_s, chunks, 4), interpreted=False)
         (want,) = torch.autograd.grad(y_ref, x3, dy)
     assert one_pass.timeouts(sync) == n * groups * (chunks - 1)
     assert torch.isnan(out[:, :, :tail.start]).all()
     torch.testing.assert_close(out[:, :, tail], want[:, :, tail], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["single", "chunked"], indirect=True)   # the one-pass tuning has its own test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_autotuned_launch_path_on_cpu(triton_cpu, path, dtype, monkeypatch):
     """The CUDA path's autotuning, run in the interpreter: triton.autotune over the interpreted kernels with a stand-in
@@ -459,10 +503,10 @@ def test_triton_autotuned_launch_path_on_cpu(triton_cpu, path, dtype, monkeypatc
     monkeypatch.setattr(triton_impl, "_autotune_enabled", lambda device: True)
     compare_with_float64((2, 16, 24, 24), 4, dtype, "cpu", channels_last=dtype == torch.bfloat16, seed=33)
     used = sorted(name for name, tuner in tuned.items() if tuner.cache)
-    expected = {"single": ["bwd_single", "fwd_single"], "chunked": ["bwd_dx", "bwd_partials", "fwd_apply", "fwd_stats"],
-                "one-pass": []}[path]   # the one-pass kernels are not autotuned (a re-run needs a fresh sync buffer)
+    expected = {"single": ["bwd_single", "fwd_single"], "chunked": ["bwd_dx", "bwd_partials", "fwd_apply",
+                                                                     "fwd_stats"]}[path]
     assert used == expected
-    assert timed or not expected, "no config was benchmarked: the pruning left one config per kernel"
+    assert timed, "no config was benchmarked: the pruning left one config per kernel, so nothing was tuned"
     for name in used:
         for config in tuned[name].cache.values():
             if path != "single":
@@ -768,7 +812,7 @@ def test_cuda_one_pass_path(shape, channels_last):
     if triton_skip_reason("cuda"):
         pytest.skip(triton_skip_reason("cuda"))
     with one_pass.chunked_path.use("one-pass", "test"):
-        assert importlib.import_module("layoutgen.kernels.group_norm_silu_triton")._one_pass_plan(
+        assert importlib.import_module("layoutgen.kernels.group_norm_silu_triton")._one_pass_max_chunks(
             shape[1] // 8, shape[2] * shape[3], torch.device("cuda")) is not None
         compare_with_float64(shape, 8, torch.bfloat16, "cuda", channels_last, seed=52)
 
@@ -784,8 +828,8 @@ def test_cuda_one_pass_autoencoder_shape_is_deterministic_without_timeouts(monke
     x, dy = (torch.randn(16, 32, 512, 512, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
     w, b = (torch.randn(32, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True) for _ in range(2))
     x.requires_grad_(True)
-    syncs = []
-    for name in ("forward", "backward"):
+    syncs = []   # every launch's, the tuning runs' included
+    for name in ("launch_forward", "launch_backward"):
         real = getattr(one_pass, name)
         monkeypatch.setattr(one_pass, name, lambda *a, real=real: syncs.append(real(*a)) or syncs[-1])
 
@@ -797,7 +841,7 @@ def test_cuda_one_pass_autoencoder_shape_is_deterministic_without_timeouts(monke
         two_pass = run()
         with one_pass.chunked_path.use("one-pass", "test"):
             runs = [run() for _ in range(3)]
-    assert len(syncs) == 6 and [one_pass.timeouts(s) for s in syncs] == [0] * 6
+    assert len(syncs) >= 6 and [one_pass.timeouts(s) for s in syncs] == [0] * len(syncs)
     for other in runs[1:]:
         assert all(torch.equal(a, b_) for a, b_ in zip(runs[0], other))
     for got, want, name in zip(runs[0], two_pass, ["y", "dx", "dweight", "dbias"]):
