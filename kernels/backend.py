@@ -13,7 +13,8 @@ Names:
 
 Every Triton-backed op asks `use_triton(x)` and nothing else. Under torch.compile the choice is made while tracing:
 dynamo guards on set_backend / use_backend (a change recompiles) but reads the environment variable only once.
-Attention has its own switch of the same shape in attention.py (LAYOUTGEN_ATTENTION_BACKEND).
+Attention has its own switch of the same shape in attention.py (LAYOUTGEN_ATTENTION_BACKEND), and GroupNorm's chunked
+path one below (group_norm_chunked_path, LAYOUTGEN_GN_CHUNKED).
 """
 from __future__ import annotations
 
@@ -72,6 +73,12 @@ class Switch:
 
 
 kernel_backend = Switch("kernel", BACKENDS, "auto", ENV_VAR)
+
+# GroupNorm+SiLU's groups too large for registers (the Triton kernels' chunked path): "two-pass" (the default: a
+# statistics kernel, then an apply kernel) or "one-pass" (group_norm_silu_one_pass.py: every input read once, with a
+# per-group barrier inside one launch).
+GROUP_NORM_CHUNKED_PATHS = ("two-pass", "one-pass")
+group_norm_chunked_path = Switch("GroupNorm chunked", GROUP_NORM_CHUNKED_PATHS, "two-pass", "LAYOUTGEN_GN_CHUNKED")
 
 
 def get_backend() -> str:

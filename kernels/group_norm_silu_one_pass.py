@@ -36,8 +36,8 @@ On CUDA the chunk size and warps are tuned per shape on first use (`configs`, `c
 triton's do_bench, every launch with fresh sync and partial buffers), unless LAYOUTGEN_TRITON_AUTOTUNE=0 asks for
 the heuristic config, as for the two-pass kernels' triton.autotune.
 
-Chosen by `chunked_path` ("two-pass", the default until a GPU run has measured both side by side, or "one-pass";
-LAYOUTGEN_GN_CHUNKED in the environment); shapes `plan` refuses take the two-pass kernels.
+Chosen by backend.group_norm_chunked_path ("two-pass", the default until a GPU run has measured both side by side,
+or "one-pass"; LAYOUTGEN_GN_CHUNKED in the environment); shapes `plan` refuses take the two-pass kernels.
 """
 from __future__ import annotations
 
@@ -47,12 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from layoutgen.kernels.backend import Switch
 from layoutgen.kernels.group_norm_silu_triton import (_affine_act, _grad_z, _group_coefficients, _load_params,
                                                       _merge_stats, _offsets)
-
-CHUNKED_PATHS = ("two-pass", "one-pass")
-chunked_path = Switch("GroupNorm chunked", CHUNKED_PATHS, "two-pass", "LAYOUTGEN_GN_CHUNKED")
 
 MAX_TILE = 8192            # a chunk held in registers: 8192 fp32 = 32 per thread at 8 warps
 MIN_CHUNK_S = 32           # spatial positions a chunk, at least (a wider group takes the two-pass path)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from layoutgen.kernels import triton_interpreter
+from layoutgen.kernels.backend import group_norm_chunked_path
 
 SINGLE_MAX_ELEMS = 8192       # a group held in registers: 8192 fp32 = 32 per thread at 8 warps
 TARGET_PROGRAMS_PER_SM = 8    # chunked path: aim for at least this many programs per SM
@@ -483,9 +484,9 @@ def _one_pass():
 def _one_pass_max_chunks(cpg: int, s: int, device: torch.device) -> int | None:
     """Where the one-pass chunked kernels are selected and apply to this group: the most chunks a group may have (the
     SM count on CUDA); else None (the two-pass kernels run)."""
-    one_pass = _one_pass()
-    if one_pass.chunked_path.get() != "one-pass":
+    if group_norm_chunked_path.get() != "one-pass":
         return None
+    one_pass = _one_pass()
     max_chunks = _sm_count(device) if device.type == "cuda" else one_pass.CPU_MAX_CHUNKS
     return max_chunks if one_pass.plan(cpg, s, max_chunks) is not None else None
 

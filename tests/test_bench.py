@@ -151,7 +151,7 @@ def test_training_step_runs_forward_and_backward_under_the_kernel_choice(monkeyp
     """The bench's training step holds the kernel choice (backend + GroupNorm's chunked path) over the backward too,
     which reads it (the one-pass backward is chosen when the backward runs); the choice ends with the step."""
     from layoutgen.kernels import get_backend
-    from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
+    from layoutgen.kernels.backend import group_norm_chunked_path as chunked_path
 
     monkeypatch.delenv("LAYOUTGEN_KERNEL_BACKEND", raising=False)
     monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)

@@ -324,7 +324,9 @@ def test_triton_other_spatial_ranks(device, shape, groups):
     compare_with_float64(shape, groups, torch.float32, device, seed=5)
 
 
-one_pass = importlib.import_module("layoutgen.kernels.group_norm_silu_one_pass")
+# The one-pass kernels' module imports triton: None where triton is not installed (its tests then skip).
+one_pass = importlib.import_module("layoutgen.kernels.group_norm_silu_one_pass") if backend.TRITON_INSTALLED else None
+needs_triton = pytest.mark.skipif(one_pass is None, reason="triton is not installed")
 
 
 @pytest.fixture(params=["single", "chunked", "one-pass"])
@@ -347,7 +349,7 @@ def path(request, monkeypatch):
             real = getattr(one_pass, f"launch_{direction}")
             monkeypatch.setattr(one_pass, f"launch_{direction}",
                                 lambda *a, real=real, seen=chunks[direction]: seen.append(a[-2][1]) or real(*a))
-        with one_pass.chunked_path.use("one-pass", "test"):
+        with backend.group_norm_chunked_path.use("one-pass", "test"):
             yield request.param
         for direction, seen in chunks.items():
             assert seen and min(seen) > 1, f"the one-pass {direction} did not run, or ran with one chunk a group"
@@ -376,6 +378,7 @@ def triton_next_pow2(v: int) -> int:
     return 1 << (v - 1).bit_length()
 
 
+@needs_triton
 @pytest.mark.parametrize("cpg,s,max_chunks,expected", [
     (4, 512 * 512, 132, (2048, 128)),   # the autoencoder at 512x512 on an H100: 128 chunks of 4 x 2048
     (8, 256 * 256, 132, (1024, 64)),
@@ -393,6 +396,7 @@ def test_one_pass_plan(cpg, s, max_chunks, expected):
         assert (chunks - 1) * chunk_s < s <= chunks * chunk_s
 
 
+@needs_triton
 def test_one_pass_tuning_candidates():
     """The heuristic config first; smaller chunks only where the group still fits in max_chunks chunks; warps capped
     for small tiles; no duplicates."""
@@ -423,7 +427,7 @@ def test_one_pass_tuning_times_each_candidate_once_per_key(triton_cpu, monkeypat
     candidates = {d: one_pass.configs(d, 4, 16 * 16, one_pass.CPU_MAX_CHUNKS) for d in ("forward", "backward")}
     assert [c[:2] for c in candidates["forward"]] == [(64, 4), (32, 8), (16, 16)]   # 2 groups of 4 x 16 x 16
     assert len(candidates["backward"]) == 3
-    with one_pass.chunked_path.use("one-pass", "test"):
+    with backend.group_norm_chunked_path.use("one-pass", "test"):
         compare_with_float64((1, 8, 16, 16), 2, torch.float32, "cpu", seed=37)
         assert len(timed) == 6
         chosen = {key[0]: config for key, config in one_pass._CHOSEN.items()}
@@ -433,20 +437,20 @@ def test_one_pass_tuning_times_each_candidate_once_per_key(triton_cpu, monkeypat
 
 
 def test_one_pass_is_chosen_in_one_place(monkeypatch, triton_cpu):
-    """Two-pass by default; LAYOUTGEN_GN_CHUNKED or chunked_path.use selects one-pass; a bad name names its source."""
+    """Two-pass by default; LAYOUTGEN_GN_CHUNKED or group_norm_chunked_path.use selects one-pass; a bad name names its source."""
     triton_impl = importlib.import_module("layoutgen.kernels.group_norm_silu_triton")
     cpu = torch.device("cpu")
     monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)
-    assert one_pass.chunked_path.get() == "two-pass"
+    assert backend.group_norm_chunked_path.get() == "two-pass"
     assert triton_impl._one_pass_max_chunks(4, 4096, cpu) is None
     monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "one-pass")
     assert triton_impl._one_pass_max_chunks(4, 4096, cpu) == one_pass.CPU_MAX_CHUNKS
     assert triton_impl._one_pass_max_chunks(512, 4096, cpu) is None   # too wide a group: two-pass
-    with one_pass.chunked_path.use("two-pass", "test"):
+    with backend.group_norm_chunked_path.use("two-pass", "test"):
         assert triton_impl._one_pass_max_chunks(4, 4096, cpu) is None
     monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "single-pass")
     with pytest.raises(ValueError, match="LAYOUTGEN_GN_CHUNKED.*single-pass"):
-        one_pass.chunked_path.get()
+        backend.group_norm_chunked_path.get()
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -534,7 +538,7 @@ def test_triton_64bit_indexing_path(device, monkeypatch):
         torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=0, atol=0)
         monkeypatch.setattr(triton_impl, "SINGLE_MAX_ELEMS", 0)
         torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=1e-6, atol=1e-6)
-        with one_pass.chunked_path.use("one-pass", "test"):
+        with backend.group_norm_chunked_path.use("one-pass", "test"):
             torch.testing.assert_close(group_norm_silu(x, 4, w, b), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -811,7 +815,7 @@ def test_cuda_one_pass_path(shape, channels_last):
     """The one-pass chunked kernels (forward and backward) at their real chunk sizes, against float64."""
     if triton_skip_reason("cuda"):
         pytest.skip(triton_skip_reason("cuda"))
-    with one_pass.chunked_path.use("one-pass", "test"):
+    with backend.group_norm_chunked_path.use("one-pass", "test"):
         assert importlib.import_module("layoutgen.kernels.group_norm_silu_triton")._one_pass_max_chunks(
             shape[1] // 8, shape[2] * shape[3], torch.device("cuda")) is not None
         compare_with_float64(shape, 8, torch.bfloat16, "cuda", channels_last, seed=52)
@@ -839,7 +843,7 @@ def test_cuda_one_pass_autoencoder_shape_is_deterministic_without_timeouts(monke
 
     with use_backend("triton"):
         two_pass = run()
-        with one_pass.chunked_path.use("one-pass", "test"):
+        with backend.group_norm_chunked_path.use("one-pass", "test"):
             runs = [run() for _ in range(3)]
     assert len(syncs) >= 6 and [one_pass.timeouts(s) for s in syncs] == [0] * len(syncs)
     for other in runs[1:]:

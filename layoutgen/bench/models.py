@@ -176,14 +176,14 @@ def kernel_choice(backend: str | None) -> contextlib.AbstractContextManager:
     """The kernel choice a training step runs under: a kernel backend name ("auto", "reference", ...), optionally with
     GroupNorm's chunked path after a "+" ("auto+one-pass"); None keeps the process's own choice."""
     from layoutgen.kernels import use_backend
-    from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
+    from layoutgen.kernels.backend import group_norm_chunked_path
 
     stack = contextlib.ExitStack()
     if backend:
         name, _, chunked = backend.partition("+")
         stack.enter_context(use_backend(name))
         if chunked:
-            stack.enter_context(chunked_path.use(chunked, "layoutgen bench"))
+            stack.enter_context(group_norm_chunked_path.use(chunked, "layoutgen bench"))
     return stack
 
 

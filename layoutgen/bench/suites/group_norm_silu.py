@@ -20,7 +20,7 @@ import torch
 
 from layoutgen.bench.timing import time_ms
 from layoutgen.kernels import group_norm_silu, group_norm_silu_ref, use_backend
-from layoutgen.kernels.group_norm_silu_one_pass import chunked_path
+from layoutgen.kernels.backend import group_norm_chunked_path
 
 GROUPS = 8
 AUTOENCODER = [(16, 32, 512, 512), (16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 256, 32, 32)]
@@ -61,7 +61,7 @@ def make_fn(provider: str, c: int, device: torch.device, dtype: torch.dtype, x: 
         forward = "one-pass" if provider == "ours-1pass" else "two-pass"
 
         def ours(x, w, b):
-            with use_backend("triton"), chunked_path.use(forward, "bench"):
+            with use_backend("triton"), group_norm_chunked_path.use(forward, "bench"):
                 return group_norm_silu(x, GROUPS, w, b)
         return ours
     if provider == "apex":
