@@ -220,10 +220,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         except ImportError:
             print(f"{name:<9} not installed")
     from layoutgen.kernels import get_attention_backend, get_backend
+    from layoutgen.kernels.backend import group_norm_chunked_path
     from layoutgen.kernels.noise_ops import describe_path
     backend = get_backend()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gn_path = "triton" if backend == "triton" or (backend == "auto" and device == "cuda") else "reference (PyTorch)"
+    if backend == "triton" or (backend == "auto" and device == "cuda"):
+        gn_path = f"triton (groups too large for registers: {group_norm_chunked_path.get()} kernels)"
+    else:
+        gn_path = "reference (PyTorch)"
     print(f"kernels   backend {backend}: group_norm_silu on {device}: {gn_path}; "
           f"attention: {get_attention_backend()}")
     print(f"          noise_ops: {describe_path()}")

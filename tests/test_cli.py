@@ -59,6 +59,19 @@ def test_info(capsys):
     assert f"layoutgen {layoutgen.__version__}" in out
 
 
+def test_info_names_the_group_norm_path(capsys, monkeypatch):
+    """With the Triton kernels selected, `info` says which chunked kernels the large groups take (the environment's
+    choice); with the reference it says reference."""
+    monkeypatch.setenv("LAYOUTGEN_KERNEL_BACKEND", "triton")
+    monkeypatch.setenv("LAYOUTGEN_GN_CHUNKED", "one-pass")
+    assert main(["info"]) == 0
+    assert "triton (groups too large for registers: one-pass kernels)" in capsys.readouterr().out
+    monkeypatch.setenv("LAYOUTGEN_KERNEL_BACKEND", "reference")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "group_norm_silu on" in out and "reference (PyTorch)" in out and "one-pass" not in out
+
+
 def test_info_as_a_module():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "layoutgen", "info"], cwd=REPO, env=env, capture_output=True,
