@@ -96,7 +96,7 @@ if pytest is not None:
         fn = make_fn(provider, shape[1], _DEVICE, _SUITE_DTYPE, x)
         if fn is None:
             pytest.skip(f"{provider} does not support this shape")
-        run = runner(fn, mode, x, w, b, dy)
+        run = runner(fn, mode, x, w, b, dy, provider)
 
         timed = synced(run, _DEVICE)
         timed()

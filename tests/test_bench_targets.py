@@ -53,22 +53,32 @@ def test_each_provider_of_ours_is_judged_on_its_own_rows():
 
 
 def test_the_ours_providers_run_the_kernels_they_name(triton_cpu, monkeypatch):
-    """The bench's GPU providers, run here in the interpreter: "ours" runs the two-pass chunked forward and
-    "ours-1pass" the one-pass one, and both compute what eager does (a 32-channel 48x48 input: chunked path)."""
+    """The bench's GPU providers, run here in the interpreter: "ours" runs the two-pass chunked kernels and
+    "ours-1pass" the one-pass ones, forward and backward (the runner holds the choice over the backward, which reads
+    it), and both compute what eager does (a 32-channel 48x48 input: the chunked path)."""
     import torch
 
     from layoutgen.bench.suites import group_norm_silu as suite
     from layoutgen.kernels import group_norm_silu_one_pass as one_pass
 
-    launches = []
-    real_forward = one_pass.launch_forward
-    monkeypatch.setattr(one_pass, "launch_forward", lambda *a: launches.append(a[-2][1]) or real_forward(*a))
+    launches = {"forward": [], "backward": []}
+    for direction, seen in launches.items():
+        real = getattr(one_pass, f"launch_{direction}")
+        monkeypatch.setattr(one_pass, f"launch_{direction}",
+                            lambda *a, real=real, seen=seen: seen.append(a[-2][1]) or real(*a))
     cpu = torch.device("cpu")
-    x, w, b, _ = suite.inputs((1, 32, 48, 48), cpu, torch.float32, False, requires_grad=False)
+    x, w, b, dy = suite.inputs((1, 32, 48, 48), cpu, torch.float32, False, requires_grad=True)
     want = suite.make_fn("eager", 32, cpu, torch.float32, x)(x, w, b)
+    want_grads = torch.autograd.grad(want, (x, w, b), dy)
     counts = {}
     for provider in ("ours", "ours-1pass"):
-        got = suite.make_fn(provider, 32, cpu, torch.float32, x)(x, w, b)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        counts[provider] = len(launches)
-    assert counts == {"ours": 0, "ours-1pass": 1} and launches == [2]   # two chunks of 2048 positions a group
+        fn = suite.make_fn(provider, 32, cpu, torch.float32, x)
+        torch.testing.assert_close(fn(x, w, b), want, rtol=1e-5, atol=1e-5)
+        suite.runner(fn, "fwd+bwd", x, w, b, dy, provider)()
+        counts[provider] = {d: len(seen) for d, seen in launches.items()}
+    assert counts == {"ours": {"forward": 0, "backward": 0}, "ours-1pass": {"forward": 2, "backward": 1}}
+    assert launches["forward"] == [2, 2] and launches["backward"] == [2]   # two chunks of 2048 positions a group
+    with suite.kernel_choice("ours-1pass"):
+        grads = torch.autograd.grad(suite.make_fn("ours-1pass", 32, cpu, torch.float32, x)(x, w, b), (x, w, b), dy)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -14,6 +14,7 @@ GB/s counts the bytes a fused kernel must move at least: fwd reads x and writes 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -58,10 +59,8 @@ def make_fn(provider: str, c: int, device: torch.device, dtype: torch.dtype, x: 
         compiled = torch.compile(group_norm_silu_ref, dynamic=False)
         return lambda x, w, b: compiled(x, GROUPS, w, b)
     if provider in ("ours", "ours-1pass"):
-        forward = "one-pass" if provider == "ours-1pass" else "two-pass"
-
         def ours(x, w, b):
-            with use_backend("triton"), group_norm_chunked_path.use(forward, "bench"):
+            with kernel_choice(provider):
                 return group_norm_silu(x, GROUPS, w, b)
         return ours
     if provider == "apex":
@@ -86,17 +85,37 @@ def inputs(shape, device, dtype, channels_last, requires_grad):
     return x, w, b, dy
 
 
-def runner(fn, mode: str, x, w, b, dy):
-    """A no-argument callable running `mode` once."""
+def kernel_choice(provider: str | None) -> contextlib.AbstractContextManager:
+    """The kernel choice `provider` runs under, forward and backward: ours, the Triton kernels with the two-pass
+    chunked kernels; ours-1pass, with the one-pass ones; any other, the process's own choice. The backward must run
+    under it too: it reads the chunked-path choice when it runs, not when the forward did."""
+    stack = contextlib.ExitStack()
+    if provider in ("ours", "ours-1pass"):
+        stack.enter_context(use_backend("triton"))
+        stack.enter_context(group_norm_chunked_path.use("one-pass" if provider == "ours-1pass" else "two-pass",
+                                                        "bench"))
+    return stack
+
+
+def runner(fn, mode: str, x, w, b, dy, provider: str | None = None):
+    """A no-argument callable running `mode` once, under kernel_choice(provider)."""
     if mode == "fwd":
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), kernel_choice(provider):
                 fn(x, w, b)
         return run
     if mode == "bwd":
         y = fn(x, w, b)
-        return lambda: torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+
+        def run():
+            with kernel_choice(provider):
+                torch.autograd.grad(y, (x, w, b), dy, retain_graph=True)
+        return run
+
+    def run():
+        with kernel_choice(provider):
+            torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+    return run
 
 
 def analytic_bytes(shape, dtype, mode: str) -> int:
@@ -109,7 +128,8 @@ def measure(shape, dtype, channels_last, mode, provider, device, repeats) -> flo
     fn = make_fn(provider, shape[1], device, dtype, x)
     if fn is None:
         return None
-    return time_ms(runner(fn, mode, x, w, b, dy), device, warmup=3 if device.type == "cpu" else 10, repeats=repeats)
+    return time_ms(runner(fn, mode, x, w, b, dy, provider), device, warmup=3 if device.type == "cpu" else 10,
+                   repeats=repeats)
 
 
 # The issue's targets for ours on a GPU (bf16, one run): (what, mode, column, minimum, shapes it applies to).
