@@ -96,6 +96,18 @@ def use_backend(name: str) -> contextlib.AbstractContextManager[str]:
     return kernel_backend.use(name, "use_backend")
 
 
+@contextlib.contextmanager
+def use_kernel_choice(backend: str | None = None, group_norm_chunked: str | None = None) -> Iterator[None]:
+    """The kernel backend and GroupNorm's chunked path for a block, in this thread (None leaves one as it is): what a
+    benchmark holds over a whole step, since a backward reads the choices when it runs, not when its forward did."""
+    with contextlib.ExitStack() as stack:
+        if backend is not None:
+            stack.enter_context(kernel_backend.use(backend, "use_kernel_choice"))
+        if group_norm_chunked is not None:
+            stack.enter_context(group_norm_chunked_path.use(group_norm_chunked, "use_kernel_choice"))
+        yield
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op should run its Triton kernels on `x` under the active backend.
 

@@ -50,3 +50,17 @@ def test_use_backend_restores_after_an_error():
 def test_unknown_names_are_refused(call):
     with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
         call("fast")
+
+
+def test_use_kernel_choice_sets_both_switches_and_restores(monkeypatch):
+    monkeypatch.delenv("LAYOUTGEN_GN_CHUNKED", raising=False)
+    chunked = backend.group_norm_chunked_path
+    with backend.use_kernel_choice("reference", "one-pass"):
+        assert (kernels.get_backend(), chunked.get()) == ("reference", "one-pass")
+        with backend.use_kernel_choice(group_norm_chunked="two-pass"):   # None leaves the backend as it is
+            assert (kernels.get_backend(), chunked.get()) == ("reference", "two-pass")
+    assert (kernels.get_backend(), chunked.get()) == ("auto", "two-pass")
+    with pytest.raises(ValueError, match="GroupNorm chunked.*'three-pass'"):
+        with backend.use_kernel_choice("auto", "three-pass"):
+            pass
+    assert kernels.get_backend() == "auto"

@@ -175,16 +175,10 @@ def diffusers_loss(model: torch.nn.Module, device: torch.device, amp: str) -> Ca
 def kernel_choice(backend: str | None) -> contextlib.AbstractContextManager:
     """The kernel choice a training step runs under: a kernel backend name ("auto", "reference", ...), optionally with
     GroupNorm's chunked path after a "+" ("auto+one-pass"); None keeps the process's own choice."""
-    from layoutgen.kernels import use_backend
-    from layoutgen.kernels.backend import group_norm_chunked_path
+    from layoutgen.kernels.backend import use_kernel_choice
 
-    stack = contextlib.ExitStack()
-    if backend:
-        name, _, chunked = backend.partition("+")
-        stack.enter_context(use_backend(name))
-        if chunked:
-            stack.enter_context(group_norm_chunked_path.use(chunked, "layoutgen bench"))
-    return stack
+    name, _, chunked = (backend or "").partition("+")
+    return use_kernel_choice(name or None, chunked or None)
 
 
 def training_step(model: torch.nn.Module, loss: Callable, batch: dict, backend: str | None,

@@ -20,8 +20,8 @@ import math
 import torch
 
 from layoutgen.bench.timing import time_ms
-from layoutgen.kernels import group_norm_silu, group_norm_silu_ref, use_backend
-from layoutgen.kernels.backend import group_norm_chunked_path
+from layoutgen.kernels import group_norm_silu, group_norm_silu_ref
+from layoutgen.kernels.backend import use_kernel_choice
 
 GROUPS = 8
 AUTOENCODER = [(16, 32, 512, 512), (16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64), (16, 256, 32, 32)]
@@ -89,12 +89,11 @@ def kernel_choice(provider: str | None) -> contextlib.AbstractContextManager:
     """The kernel choice `provider` runs under, forward and backward: ours, the Triton kernels with the two-pass
     chunked kernels; ours-1pass, with the one-pass ones; any other, the process's own choice. The backward must run
     under it too: it reads the chunked-path choice when it runs, not when the forward did."""
-    stack = contextlib.ExitStack()
-    if provider in ("ours", "ours-1pass"):
-        stack.enter_context(use_backend("triton"))
-        stack.enter_context(group_norm_chunked_path.use("one-pass" if provider == "ours-1pass" else "two-pass",
-                                                        "bench"))
-    return stack
+    if provider == "ours":
+        return use_kernel_choice("triton", "two-pass")
+    if provider == "ours-1pass":
+        return use_kernel_choice("triton", "one-pass")
+    return contextlib.nullcontext()
 
 
 def runner(fn, mode: str, x, w, b, dy, provider: str | None = None):
