@@ -220,14 +220,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         except ImportError:
             print(f"{name:<9} not installed")
     from layoutgen.kernels import get_attention_backend, get_backend
-    from layoutgen.kernels.backend import group_norm_chunked_path
+    from layoutgen.kernels.backend import group_norm_chunked_path, use_triton
     from layoutgen.kernels.noise_ops import describe_path
     backend = get_backend()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if backend == "triton" or (backend == "auto" and device == "cuda"):
-        gn_path = f"triton (groups too large for registers: {group_norm_chunked_path.get()} kernels)"
-    else:
-        gn_path = "reference (PyTorch)"
+    try:  # the ops' own rule, asked of an empty bf16 tensor: what a training step's activations would take
+        probe = torch.empty(0, device=device, dtype=torch.bfloat16)
+        gn_path = (f"triton (groups too large for registers: {group_norm_chunked_path.get()} kernels)"
+                   if use_triton(probe) else "reference (PyTorch)")
+    except RuntimeError as error:  # backend 'triton' without triton installed: the ops would refuse to run
+        gn_path = f"refused: {error}"
     print(f"kernels   backend {backend}: group_norm_silu on {device}: {gn_path}; "
           f"attention: {get_attention_backend()}")
     print(f"          noise_ops: {describe_path()}")

@@ -72,6 +72,18 @@ def test_info_names_the_group_norm_path(capsys, monkeypatch):
     assert "group_norm_silu on" in out and "reference (PyTorch)" in out and "one-pass" not in out
 
 
+def test_info_says_when_triton_is_asked_for_but_missing(capsys, monkeypatch):
+    """`info` asks the ops' own rule (use_triton), so backend 'triton' without triton installed shows the ops' refusal
+    instead of claiming the kernels run, and info itself still succeeds."""
+    from layoutgen.kernels import backend
+    monkeypatch.setattr(backend, "TRITON_INSTALLED", False)
+    monkeypatch.setenv("LAYOUTGEN_KERNEL_BACKEND", "triton")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "group_norm_silu on" in out and "refused: " in out and "triton is not installed" in out
+    assert "groups too large for registers" not in out
+
+
 def test_info_as_a_module():
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "layoutgen", "info"], cwd=REPO, env=env, capture_output=True,
