@@ -9,8 +9,7 @@ and nvcc is found, and a GPU is visible or TORCH_CUDA_ARCH_LIST names the archit
 decides, for the JIT build too, and finds the real toolkit behind an nvcc wrapper script). The build never fails the
 install: if the CUDA build fails it retries without CUDA, and if that fails too the package installs without the
 extension (layoutgen.kernels.noise_ops then builds it on first use with torch.utils.cpp_extension.load, or falls back
-to PyTorch). LAYOUTGEN_NO_EXTENSION=1 skips it; LAYOUTGEN_BUILD_CUDA=0
-builds the CPU part only.
+to PyTorch). LAYOUTGEN_NO_EXTENSION=1 skips it; LAYOUTGEN_BUILD_CUDA=0 builds the CPU part only.
 """
 import glob
 import importlib.util
